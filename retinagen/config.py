@@ -1,0 +1,267 @@
+"""Typed, validated run configs.
+
+A run's config is assembled from YAML layers, later layers overriding earlier ones key by key:
+
+    built-in defaults  <-  configs/<dataset>.yaml  <-  configs/presets/<preset>.yaml
+                       <-  --config YAML (e.g. configs/msi/msi_s0_b1_d0.yaml)  <-  command-line flags
+
+and validated once, at load: an unknown key or a bad value is a `ConfigError` that names the key
+(``train.batch_size: Input should be greater than 0``). The resolved config is written as JSON next
+to every run (``config.json``) and inside every checkpoint, so a run can always be reproduced.
+
+No string class names, no ``-1`` meaning "auto": choices are explicit literals (``device: auto``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from retinagen.errors import ConfigError
+
+DATASETS = ("synthfundus", "eyepacs", "aptos", "celeba", "folder")
+PRESETS = ("smoke", "cpu", "gpu")
+
+
+class _Strict(BaseModel):
+    # extra="forbid": a misspelt key is an error, not silently ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class DataConfig(_Strict):
+    dataset: Literal["synthfundus", "eyepacs", "aptos", "celeba", "folder"] = "synthfundus"
+    # A prepared ZIP (``retinagen prepare``) or, for synthfundus, nothing: the built-in data are
+    # synthesised and prepared into the run folder on first use.
+    path: str | None = None
+    split: Literal["train", "all"] = "train"
+    # Built-in synthetic fundus data (used when dataset == synthfundus and path is None).
+    synth_n: int = Field(2000, ge=16, le=1_000_000)
+    synth_seed: int = Field(0, ge=0)
+
+
+class LatentConfig(_Strict):
+    """The latent Z = (Z', C). Paper default: 1 categorical(3) + 7 Bernoulli + 10 uniform, |Z| = 512."""
+
+    z_dim: int = Field(512, ge=4, le=4096)
+    categorical: tuple[int, ...] = (3,)
+    n_bernoulli: int = Field(7, ge=0, le=256)
+    n_uniform: int = Field(10, ge=0, le=256)
+    # Q models uniform codes as Gaussians with fixed unit variance (paper); learned is an option.
+    learned_variance: bool = False
+
+    @field_validator("categorical")
+    @classmethod
+    def _categorical_sizes(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(k < 2 for k in v):
+            raise ValueError("every categorical code needs at least 2 categories")
+        return v
+
+    @property
+    def code_dim(self) -> int:
+        return sum(self.categorical) + self.n_bernoulli + self.n_uniform
+
+    @property
+    def discrete_only(self) -> bool:
+        return self.n_uniform == 0
+
+    @model_validator(mode="after")
+    def _room_for_noise(self) -> LatentConfig:
+        if self.code_dim >= self.z_dim:
+            raise ValueError(
+                f"z_dim ({self.z_dim}) must exceed the code width ({self.code_dim}) so that Z' has at least one dim"
+            )
+        return self
+
+
+class ModelConfig(_Strict):
+    style: bool = True  # S in MSI(S, beta, d): style generator (1) or InfoGAN direct input (0)
+    resolution: int = 64
+    w_dim: int = Field(512, ge=8, le=2048)
+    mapping_layers: int = Field(8, ge=1, le=16)
+    g_channel_base: int = Field(16384, ge=16)
+    g_channel_max: int = Field(512, ge=4)
+    d_channel_base: int = Field(16384, ge=16)
+    d_channel_max: int = Field(512, ge=4)
+    # DR-grade conditioning: label embedding in the mapping network, projection in D.
+    conditional: bool = False
+    num_classes: int = Field(5, ge=2, le=1000)
+    mbstd_group: int = Field(4, ge=1, le=64)
+    aux_classifier: bool = False
+
+    @field_validator("resolution")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v < 8 or v > 1024 or 2 ** int(round(math.log2(v))) != v:
+            raise ValueError("must be a power of two between 8 and 1024")
+        return v
+
+
+class LossConfig(_Strict):
+    beta: float = Field(1.0, ge=0.0, le=100.0)  # beta in Eq. (4); 0 gives StyleGAN / a plain GAN
+    r1_gamma: float = Field(10.0, ge=0.0)
+    r1_interval: int = Field(16, ge=1)  # lazy R1: every N discriminator steps, scaled by N
+    grade_weight: float = Field(1.0, ge=0.0)  # auxiliary DR-grade classifier loss, when enabled
+
+
+class OptimConfig(_Strict):
+    lr_g: float = Field(0.002, gt=0.0, le=1.0)
+    lr_d: float = Field(0.002, gt=0.0, le=1.0)
+    beta1: float = Field(0.0, ge=0.0, lt=1.0)
+    beta2: float = Field(0.99, ge=0.0, lt=1.0)
+    eps: float = Field(1e-8, gt=0.0)
+
+
+class TrainConfig(_Strict):
+    batch_size: int = Field(32, ge=1, le=8192)
+    kimg: float = Field(20000.0, gt=0.0)  # training length in thousands of real images shown
+    ema_kimg: float = Field(10.0, ge=0.0)
+    ema_rampup: float | None = Field(0.05, ge=0.0)
+    snapshot_kimg: float = Field(200.0, gt=0.0)
+    sample_kimg: float = Field(50.0, gt=0.0)
+    log_every_steps: int = Field(10, ge=1)
+    amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on CUDA, off on CPU
+    compile: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    workers: int = Field(2, ge=0, le=64)
+    seed: int = Field(0, ge=0)
+    sample_grid: tuple[int, int] = (8, 4)  # columns x rows of the fixed-seed sample grid
+
+
+class RunConfig(_Strict):
+    data: DataConfig = DataConfig()
+    latent: LatentConfig = LatentConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+
+    @property
+    def msi(self) -> tuple[int, float, int]:
+        """(S, beta, d) of the paper's MSI family."""
+        return (int(self.model.style), self.loss.beta, int(self.latent.discrete_only))
+
+    @property
+    def msi_name(self) -> str:
+        s, beta, d = self.msi
+        return f"MSI(S={s}, β={beta:g}, d={d})"
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and merging
+
+
+def configs_dir() -> Path:
+    """The folder holding the YAML presets (``configs/`` at the project's top level)."""
+    here = Path(__file__).resolve().parent.parent / "configs"
+    if here.is_dir():
+        return here
+    raise ConfigError(f"configs folder not found at {here}; install retinagen from its source tree (pip install -e .)")
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``override`` into a copy of ``base`` (dicts merge, everything else replaces)."""
+    out: dict[str, Any] = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (data, latent, model, ...)")
+    return data
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["train.kimg=5", "loss.beta=0"]`` -> nested dict; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        keys = [k for k in dotted.strip().split(".") if k]
+        if not keys:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: bad value: {exc}") from exc
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return out
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<top level>"
+        msg = "unknown key (not allowed)" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"  {key}: {msg}")
+    return f"invalid config ({source}):\n" + "\n".join(lines)
+
+
+def validate_config(data: Mapping[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(dict(data))
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def load_run_config(
+    dataset: str | None = None,
+    *,
+    preset: str | None = None,
+    config: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> RunConfig:
+    """Assemble and validate a run config from its layers (see the module docstring)."""
+    layers: list[tuple[str, dict[str, Any]]] = []
+    root = configs_dir()
+    if dataset is not None:
+        if dataset not in DATASETS:
+            raise ConfigError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+        layers.append((f"configs/{dataset}.yaml", read_yaml(root / f"{dataset}.yaml")))
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        layers.append((f"configs/presets/{preset}.yaml", read_yaml(root / "presets" / f"{preset}.yaml")))
+    if config is not None:
+        layers.append((str(config), read_yaml(config)))
+    if overrides:
+        layers.append(("command line", dict(overrides)))
+    merged: dict[str, Any] = {}
+    for source, layer in layers:
+        # Validate each layer on its own first, so an unknown key names the file it came from.
+        validate_config(deep_merge(merged, layer), source)
+        merged = deep_merge(merged, layer)
+    if dataset is not None:
+        merged = deep_merge(merged, {"data": {"dataset": dataset}})
+    return validate_config(merged, " <- ".join(s for s, _ in layers) or "defaults")
+
+
+def config_from_json(text: str | Mapping[str, Any], source: str = "config.json") -> RunConfig:
+    data = json.loads(text) if isinstance(text, str) else dict(text)
+    return validate_config(data, source)

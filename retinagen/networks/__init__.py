@@ -1,0 +1,1 @@
+"""retinagen networks package."""
