@@ -1,0 +1,209 @@
+"""Data-only checkpoints: safetensors for tensors, a JSON sidecar for everything else.
+
+A checkpoint ``NAME`` is two files written atomically, in this order:
+
+    NAME.safetensors   every tensor: G., D., G_ema. weights, optimizer moments, RNG states
+    NAME.json          schema version, resolved config, latent spec, step, kimg, dataset fingerprint,
+                       optimizer hyper-parameters, the sha256 of NAME.safetensors
+
+The JSON is the commit marker: a checkpoint counts only when its JSON exists and the tensor file's
+hash matches it, so a process killed mid-snapshot leaves the previous checkpoint as the latest
+complete one. Nothing here unpickles: a file that is not safetensors is refused before it is read
+(pickle-based ``.pt``/``.pkl`` files can run code when loaded).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from retinagen.errors import CheckpointError
+from retinagen.fileio import atomic_path, atomic_write_json
+
+SCHEMA_VERSION = 1
+_CKPT_RE = re.compile(r"^ckpt-(\d{6,})\.json$")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_safetensors_header(path: str | Path) -> None:
+    """Refuse anything that is not a safetensors file before handing it to a parser.
+
+    A safetensors file starts with an 8-byte little-endian header length followed by a JSON object.
+    Pickles (``torch.save`` output, a ZIP or a raw pickle stream) fail this check.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if len(head) < 9:
+        raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+    (n,) = struct.unpack("<Q", head[:8])
+    if head[8:9] != b"{" or n > size - 8:
+        kind = "a pickle/torch.save file" if head[:2] in (b"PK", b"\x80\x02", b"\x80\x04", b"\x80\x05") else "not safetensors"
+        raise CheckpointError(
+            f"{path}: refused: {kind}. retinagen loads only data-only safetensors checkpoints "
+            "(pickle-based files can run code when loaded)"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimizer state <-> flat tensors + JSON
+
+
+def flatten_optimizer(prefix: str, state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into tensors (``prefix.state.<idx>.<key>``) and JSON-able rest."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{prefix}.state.{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    meta = {"param_groups": state["param_groups"], "scalars": scalars}
+    return tensors, meta
+
+
+def unflatten_optimizer(prefix: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    start = f"{prefix}.state."
+    for name, value in tensors.items():
+        if name.startswith(start):
+            idx, key = name[len(start) :].split(".", 1)
+            state.setdefault(int(idx), {})[key] = value
+    for idx, entry in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(entry)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds, in memory."""
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def module_state(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The state dict of one module (``G``, ``D``, ``G_ema``) stored under ``prefix.``."""
+        p = prefix + "."
+        out = {k[len(p) :]: v for k, v in self.tensors.items() if k.startswith(p)}
+        if not out:
+            raise CheckpointError(f"checkpoint has no tensors for {prefix!r}")
+        return out
+
+    def has(self, prefix: str) -> bool:
+        return any(k.startswith(prefix + ".") for k in self.tensors)
+
+
+def save_checkpoint(path_stem: str | Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
+    """Write ``<stem>.safetensors`` then ``<stem>.json`` atomically; returns the JSON path."""
+    stem = Path(path_stem)
+    tensor_path = stem.with_suffix(".safetensors")
+    json_path = stem.with_suffix(".json")
+    clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_path(tensor_path) as tmp:
+        save_file(clean, str(tmp), metadata={"format": "retinagen", "schema_version": str(SCHEMA_VERSION)})
+    full_meta = dict(meta)
+    full_meta.update(
+        schema_version=SCHEMA_VERSION,
+        tensors_file=tensor_path.name,
+        tensors_sha256=sha256_file(tensor_path),
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        torch_version=torch.__version__,
+    )
+    atomic_write_json(json_path, full_meta)
+    return json_path
+
+
+def _meta_path_for(path: Path) -> Path:
+    if path.suffix == ".json":
+        return path
+    return path.with_suffix(".json")
+
+
+def load_checkpoint(path: str | Path, *, verify_hash: bool = True) -> Checkpoint:
+    """Load a checkpoint given its ``.safetensors`` or ``.json`` path (data only, never unpickles)."""
+    path = Path(path)
+    meta_path = _meta_path_for(path)
+    tensor_path = path.with_suffix(".safetensors") if path.suffix == ".json" else path
+    check_safetensors_header(tensor_path)
+    if not meta_path.is_file():
+        raise CheckpointError(f"{tensor_path}: its metadata file {meta_path.name} is missing (incomplete snapshot?)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{meta_path}: metadata is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("schema_version") != SCHEMA_VERSION:
+        raise CheckpointError(
+            f"{meta_path}: unsupported checkpoint schema {meta.get('schema_version') if isinstance(meta, dict) else '?'}"
+            f" (this retinagen reads schema {SCHEMA_VERSION})"
+        )
+    if verify_hash and meta.get("tensors_sha256") != sha256_file(tensor_path):
+        raise CheckpointError(f"{tensor_path}: contents do not match the sha256 in {meta_path.name} (corrupt or replaced)")
+    try:
+        tensors = load_file(str(tensor_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{tensor_path}: cannot read tensors ({exc})") from None
+    return Checkpoint(tensors=tensors, meta=meta)
+
+
+def list_checkpoints(folder: str | Path) -> list[Path]:
+    """Complete checkpoints (JSON present) in ``folder``, oldest first, as JSON paths."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT_RE.match(p.name)))
+    return [p for _, p in found]
+
+
+def latest_valid_checkpoint(folder: str | Path) -> Path | None:
+    """The newest checkpoint whose tensor file matches its recorded hash; corrupt ones are skipped."""
+    for meta_path in reversed(list_checkpoints(folder)):
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            tensor_path = meta_path.with_suffix(".safetensors")
+            check_safetensors_header(tensor_path)
+            if meta.get("tensors_sha256") == sha256_file(tensor_path):
+                return meta_path
+        except (OSError, ValueError, CheckpointError):
+            continue
+    return None
+
+
+def config_mismatch(stored: Mapping[str, Any], current: Mapping[str, Any], sections: tuple[str, ...]) -> list[str]:
+    """Keys (``model.resolution``) whose values differ between two resolved configs, within ``sections``."""
+    diffs: list[str] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+        elif a != b and not (isinstance(a, list | tuple) and isinstance(b, list | tuple) and list(a) == list(b)):
+            diffs.append(f"{prefix}: checkpoint {a!r} != config {b!r}")
+
+    for section in sections:
+        walk(stored.get(section, {}), current.get(section, {}), section)
+    return diffs

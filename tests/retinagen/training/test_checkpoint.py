@@ -1,0 +1,104 @@
+"""Checkpoints are data-only, atomic, verified, and refuse pickles."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from retinagen.errors import CheckpointError
+from retinagen.training.checkpoint import (
+    config_mismatch,
+    flatten_optimizer,
+    latest_valid_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    unflatten_optimizer,
+)
+from retinagen.training.ema import ema_beta, update_ema
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"G.w": torch.randn(3, 4, generator=g), "D.b": torch.arange(5.0), "rng.cpu": torch.get_rng_state()}
+
+
+def test_round_trip_and_hash(tmp_path: Path) -> None:
+    meta_path = save_checkpoint(tmp_path / "ckpt-000010", _tensors(), {"step": 10, "config": {"a": 1}})
+    ck = load_checkpoint(meta_path)
+    assert ck.meta["step"] == 10 and ck.meta["schema_version"] == 1
+    assert torch.equal(ck.module_state("G")["w"], _tensors()["G.w"])
+    assert torch.equal(ck.tensors["rng.cpu"], torch.get_rng_state()) or ck.tensors["rng.cpu"].dtype == torch.uint8
+    # The same checkpoint is reachable from the tensor file's path.
+    assert load_checkpoint(tmp_path / "ckpt-000010.safetensors").meta["step"] == 10
+
+
+def test_pickle_is_refused_before_parsing(tmp_path: Path) -> None:
+    evil = tmp_path / "model.safetensors"
+    torch.save({"w": torch.zeros(2)}, evil)  # a ZIP holding a pickle
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(evil)
+    raw = tmp_path / "raw.safetensors"
+    raw.write_bytes(pickle.dumps({"w": 1}, protocol=4))
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(raw)
+
+
+def test_corruption_and_missing_meta(tmp_path: Path) -> None:
+    meta_path = save_checkpoint(tmp_path / "ckpt-000001", _tensors(), {"step": 1})
+    tensor_path = meta_path.with_suffix(".safetensors")
+    data = bytearray(tensor_path.read_bytes())
+    data[-1] ^= 0xFF
+    tensor_path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(meta_path)
+    meta_path.unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        load_checkpoint(tensor_path)
+
+
+def test_latest_valid_skips_incomplete_and_corrupt(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path / "ckpt-000001", _tensors(), {"step": 1})
+    second = save_checkpoint(tmp_path / "ckpt-000002", _tensors(), {"step": 2})
+    # A snapshot killed after its tensors but before its JSON: not listed.
+    (tmp_path / "ckpt-000003.safetensors").write_bytes(second.with_suffix(".safetensors").read_bytes())
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-000001.json", "ckpt-000002.json"]
+    assert latest_valid_checkpoint(tmp_path) == second
+    # Corrupt the newest: the older one becomes the latest valid.
+    second.with_suffix(".safetensors").write_bytes(b"\x00" * 20)
+    assert latest_valid_checkpoint(tmp_path).name == "ckpt-000001.json"
+    assert latest_valid_checkpoint(tmp_path / "nope") is None
+
+
+def test_optimizer_state_round_trip() -> None:
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.0, 0.99))
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    tensors, meta = flatten_optimizer("opt_G", opt.state_dict())
+    opt2 = torch.optim.Adam(torch.nn.Linear(3, 2).parameters(), lr=0.5)
+    opt2.load_state_dict(unflatten_optimizer("opt_G", tensors, meta))
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert s2["param_groups"][0]["lr"] == 0.01
+    for idx in s1["state"]:
+        for key in s1["state"][idx]:
+            assert torch.equal(torch.as_tensor(s1["state"][idx][key]), torch.as_tensor(s2["state"][idx][key]))
+
+
+def test_config_mismatch_names_keys() -> None:
+    stored = {"model": {"resolution": 64, "style": True}, "train": {"kimg": 1}}
+    current = {"model": {"resolution": 128, "style": True}, "train": {"kimg": 5}}
+    diffs = config_mismatch(stored, current, ("model",))
+    assert diffs == ["model.resolution: checkpoint 64 != config 128"]
+
+
+def test_ema_half_life_and_update() -> None:
+    beta = ema_beta(batch_size=32, ema_kimg=10.0, images_seen=10**9, rampup=None)
+    assert beta ** (10_000 / 32) == pytest.approx(0.5)
+    assert ema_beta(32, 10.0, images_seen=0, rampup=0.05) == 0.0  # at the start EMA == model
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    update_ema(a, b, 0.0)
+    assert torch.equal(a.weight, b.weight)
