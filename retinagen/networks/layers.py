@@ -1,0 +1,275 @@
+"""Building blocks shared by the generators and the discriminator (StyleGAN2-style, pure PyTorch).
+
+* Equalized learning rate (Karras et al.): parameters are stored with unit-variance init and scaled at
+  run time by 1/sqrt(fan_in), so Adam sees every layer at the same scale.
+* Modulated convolution with demodulation, run as one grouped convolution over the batch.
+* FIR [1, 3, 3, 1] resampling: 2x up = bilinear (align_corners=False), 2x down = blur + decimate.
+* Noise injection with a learned strength, minibatch standard deviation, leaky ReLU with gain sqrt(2).
+
+All layers work on CPU and CUDA and accept channels_last inputs (no `.view` on maybe-strided tensors).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LRELU_SLOPE = 0.2
+LRELU_GAIN = math.sqrt(2.0)  # keeps the activations' second moment ~1 through a leaky ReLU
+NOISE_MODES = ("random", "const", "none")
+
+
+def lrelu(x: torch.Tensor) -> torch.Tensor:
+    """Leaky ReLU (slope 0.2) times sqrt(2)."""
+    return F.leaky_relu(x, LRELU_SLOPE) * LRELU_GAIN
+
+
+class ScaledLeakyReLU(nn.Module):
+    """Module form of `lrelu`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lrelu(x)
+
+
+def normalize_2nd_moment(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
+    """Scale x so that its mean square along ``dim`` is 1 (StyleGAN's "pixel norm" of the latent)."""
+    return x * (x.square().mean(dim=dim, keepdim=True) + eps).rsqrt()
+
+
+class PixelNorm(nn.Module):
+    """`normalize_2nd_moment` over channels of [N, C, H, W] (ProGAN), used by the direct generator."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return normalize_2nd_moment(x, dim=1)
+
+
+class EqualizedLinear(nn.Module):
+    """Fully connected layer with equalized learning rate.
+
+    y = x @ (W * lr_multiplier / sqrt(in))^T + b * lr_multiplier, W ~ N(0, 1 / lr_multiplier^2) at init.
+    The bias is stored divided by lr_multiplier so that its effective initial value is ``bias_init``.
+    With ``activation`` the output goes through `lrelu`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        bias_init: float = 0.0,
+        lr_multiplier: float = 1.0,
+        activation: bool = False,
+    ) -> None:
+        super().__init__()
+        if in_features < 1 or out_features < 1 or lr_multiplier <= 0:
+            raise ValueError("EqualizedLinear needs in/out_features >= 1 and lr_multiplier > 0")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.activation = activation
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_multiplier)
+        self.bias = (
+            nn.Parameter(torch.full([out_features], float(bias_init) / lr_multiplier)) if bias else None
+        )
+        self.weight_gain = lr_multiplier / math.sqrt(in_features)
+        self.bias_gain = lr_multiplier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., in_features] -> [..., out_features]."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"EqualizedLinear expects [..., {self.in_features}], got {tuple(x.shape)}")
+        w = self.weight * self.weight_gain
+        b = self.bias * self.bias_gain if self.bias is not None else None
+        y = F.linear(x, w.to(x.dtype), b.to(x.dtype) if b is not None else None)
+        return lrelu(y) if self.activation else y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, lrelu={self.activation}"
+
+
+class EqualizedConv2d(nn.Module):
+    """Conv2d (stride 1, 'same' zero padding) with equalized learning rate: W * 1/sqrt(in * k * k)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        bias: bool = True,
+        activation: bool = False,
+    ) -> None:
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError("EqualizedConv2d needs an odd kernel size for 'same' padding")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.activation = activation
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.weight_gain = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, in_channels, H, W] -> [N, out_channels, H, W]."""
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"EqualizedConv2d expects [N, {self.in_channels}, H, W], got {tuple(x.shape)}")
+        w = (self.weight * self.weight_gain).to(x.dtype)
+        b = self.bias.to(x.dtype) if self.bias is not None else None
+        y = F.conv2d(x, w, b, padding=self.kernel_size // 2)
+        return lrelu(y) if self.activation else y
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, k={self.kernel_size}, lrelu={self.activation}"
+
+
+def _fir_kernel_2d() -> torch.Tensor:
+    k = torch.tensor([1.0, 3.0, 3.0, 1.0])
+    k2 = torch.outer(k, k)
+    return k2 / k2.sum()  # sums to 1
+
+
+class Upsample2d(nn.Module):
+    """2x upsampling with the [1, 3, 3, 1] FIR filter: exactly bilinear interpolation (align_corners=False).
+
+    Implemented as a depthwise transposed convolution over an edge-replicated input: the interpolation
+    weights (3/4, 1/4) are the even/odd taps of [1, 3, 3, 1] / 4. Unlike ``F.interpolate`` its backward
+    pass is a plain convolution, which stays deterministic on CUDA.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("kernel", _fir_kernel_2d() * 4.0, persistent=False)  # gain 4 for zero insertion
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, C, H, W] -> [N, C, 2H, 2W]."""
+        c = x.shape[1]
+        w = self.kernel.to(x.dtype).expand(c, 1, 4, 4)
+        x = F.pad(x, (1, 1, 1, 1), mode="replicate")
+        return F.conv_transpose2d(x, w, stride=2, padding=3, groups=c)
+
+
+class Downsample2d(nn.Module):
+    """2x downsampling: [1, 3, 3, 1] FIR blur (edge-replicated) then keep every other pixel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("kernel", _fir_kernel_2d(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, C, H, W] (H, W even) -> [N, C, H/2, W/2]."""
+        if x.shape[-1] % 2 or x.shape[-2] % 2:
+            raise ValueError(f"Downsample2d needs even H and W, got {tuple(x.shape)}")
+        c = x.shape[1]
+        w = self.kernel.to(x.dtype).expand(c, 1, 4, 4)
+        x = F.pad(x, (1, 1, 1, 1), mode="replicate")
+        return F.conv2d(x, w, stride=2, groups=c)
+
+
+def modulated_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    styles: torch.Tensor,
+    demodulate: bool = True,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """StyleGAN2 modulated convolution, 'same' padding, as one grouped convolution over the batch.
+
+    Args:
+        x: [N, I, H, W] input.
+        weight: [O, I, k, k] (already scaled by the equalized-lr gain).
+        styles: [N, I] per-sample input-channel scales.
+        demodulate: rescale each sample's kernel to unit L2 norm per output channel, so unit-variance
+            i.i.d. input gives unit-variance output.
+
+    Returns: [N, O, H, W] in x's dtype. The modulation and demodulation are computed in fp32 even
+    under autocast (squares of bf16/fp16 weights under- and overflow).
+    """
+    n, i, h, w_ = x.shape
+    o, wi, kh, kw = weight.shape
+    if wi != i or styles.shape != (n, i):
+        raise ValueError(
+            f"modulated_conv2d: x {tuple(x.shape)}, weight {tuple(weight.shape)}, styles {tuple(styles.shape)} disagree"
+        )
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        wmod = weight.float().unsqueeze(0) * styles.float().reshape(n, 1, i, 1, 1)  # [N, O, I, k, k]
+        if demodulate:
+            d = (wmod.square().sum(dim=(2, 3, 4)) + eps).rsqrt()  # [N, O]
+            wmod = wmod * d.reshape(n, o, 1, 1, 1)
+    xg = x.reshape(1, n * i, h, w_)
+    y = F.conv2d(xg, wmod.reshape(n * o, i, kh, kw).to(x.dtype), padding=kh // 2, groups=n)
+    return y.reshape(n, o, h, w_)
+
+
+class NoiseInjection(nn.Module):
+    """Adds per-pixel Gaussian noise times a learned scalar strength (initialised to 0).
+
+    noise_mode: "random" draws fresh noise (from ``generator`` when given: deterministic per seed; drawn on
+    the generator's device and moved), "const" uses a fixed buffer saved with the model, "none" adds nothing.
+    """
+
+    def __init__(self, resolution: int) -> None:
+        super().__init__()
+        self.resolution = resolution
+        self.strength = nn.Parameter(torch.zeros([]))
+        self.register_buffer("noise_const", torch.randn(resolution, resolution))
+
+    def forward(
+        self, x: torch.Tensor, noise_mode: str = "random", generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        if noise_mode == "none":
+            return x
+        n, _, h, w = x.shape
+        if noise_mode == "const":
+            noise = self.noise_const.to(x.dtype).expand(n, 1, h, w)
+        elif noise_mode == "random":
+            src = generator.device if generator is not None else x.device
+            noise = torch.randn(n, 1, h, w, generator=generator, device=src).to(x.device, x.dtype)
+        else:
+            raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+        return x + noise * self.strength.to(x.dtype)
+
+
+class MinibatchStdDev(nn.Module):
+    """Appends the within-group standard deviation of features as extra channels (ProGAN/StyleGAN2).
+
+    Samples are split into consecutive groups of ``group_size``. When N is not a multiple of it, the last
+    group is smaller; a last group of one sample is merged into the previous group (a single sample has no
+    spread). With N = 1 the statistic is ~0. Output: [N, C + num_channels, H, W].
+    """
+
+    def __init__(self, group_size: int = 4, num_channels: int = 1, eps: float = 1e-8) -> None:
+        super().__init__()
+        if group_size < 1 or num_channels < 1:
+            raise ValueError("MinibatchStdDev needs group_size >= 1 and num_channels >= 1")
+        self.group_size = group_size
+        self.num_channels = num_channels
+        self.eps = eps
+
+    def group_ids(self, n: int, device: torch.device) -> torch.Tensor:
+        """[N] int64 group index of each sample."""
+        ids = torch.arange(n, device=device) // self.group_size
+        if n > 1 and n % self.group_size == 1:
+            ids[-1] = ids[-2]
+        return ids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        f = self.num_channels
+        if c % f:
+            raise ValueError(f"MinibatchStdDev: {c} channels not divisible into {f} statistics")
+        ids = self.group_ids(n, x.device)
+        # Computed on the host: no device sync, no data-dependent shape for torch.compile.
+        n_groups = -(-n // self.group_size) - (1 if n > 1 and n % self.group_size == 1 else 0)
+        onehot = F.one_hot(ids, n_groups).to(torch.float32).transpose(0, 1)  # [G, N]
+        counts = onehot.sum(dim=1, keepdim=True)  # [G, 1]
+        y = x.float().reshape(n, -1)  # [N, C*H*W]
+        mean = (onehot @ y) / counts  # [G, CHW]
+        var = (onehot @ (y - mean[ids]).square()) / counts  # population variance per group
+        std = (var + self.eps).sqrt().reshape(n_groups, f, -1).mean(dim=2)  # [G, F]
+        stat = std[ids].to(x.dtype).reshape(n, f, 1, 1).expand(n, f, h, w)
+        return torch.cat([x, stat], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"group_size={self.group_size}, num_channels={self.num_channels}"

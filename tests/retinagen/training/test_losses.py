@@ -1,0 +1,147 @@
+"""Loss functions: known values, monotonicity, R1 on an analytic D, L_info for perfect and uninformative Q."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from retinagen.latent import LatentSpec
+from retinagen.training.losses import (
+    d_logistic_loss,
+    g_nonsaturating_loss,
+    grade_ce_loss,
+    info_terms,
+    r1_loss,
+    r1_penalty,
+    total_discriminator_loss,
+    total_generator_loss,
+)
+
+LOG2 = math.log(2.0)
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def test_logistic_losses_at_zero_logits() -> None:
+    z = torch.zeros(5)
+    assert math.isclose(float(d_logistic_loss(z, torch.zeros(3))), 2 * LOG2, rel_tol=1e-6)
+    assert math.isclose(float(g_nonsaturating_loss(z)), LOG2, rel_tol=1e-6)
+
+
+def test_d_loss_is_minus_v_of_eq2() -> None:
+    real, fake = torch.randn(7), torch.randn(4)
+    v = torch.log(torch.sigmoid(real)).mean() + torch.log(1 - torch.sigmoid(fake)).mean()
+    assert torch.allclose(d_logistic_loss(real, fake), -v, atol=1e-5)
+    assert torch.allclose(g_nonsaturating_loss(fake), -torch.log(torch.sigmoid(fake)).mean(), atol=1e-5)
+
+
+def test_d_loss_monotonic() -> None:
+    real, fake = torch.zeros(4), torch.zeros(4)
+    base = float(d_logistic_loss(real, fake))
+    assert float(d_logistic_loss(real + 1, fake)) < base
+    assert float(d_logistic_loss(real, fake - 1)) < base
+    assert float(d_logistic_loss(real - 1, fake + 1)) > base
+    assert float(g_nonsaturating_loss(fake + 1)) < float(g_nonsaturating_loss(fake))
+
+
+def test_logit_shape_checks() -> None:
+    with pytest.raises(ValueError):
+        d_logistic_loss(torch.zeros(4, 1), torch.zeros(4))
+    with pytest.raises(ValueError):
+        g_nonsaturating_loss(torch.zeros(4, 1))
+
+
+def test_r1_penalty_on_linear_d() -> None:
+    """D(x) = sum(w * x): grad = w for every sample, penalty = ||w||^2, and it is differentiable in w."""
+    w = torch.randn(3, 4, 4, requires_grad=True)
+    x = torch.randn(5, 3, 4, 4, requires_grad=True)
+    logits = (x * w).flatten(1).sum(1)
+    pen = r1_penalty(x, logits)
+    assert pen.shape == (5,)
+    assert torch.allclose(pen, w.detach().square().sum().expand(5), rtol=1e-5)
+    (g,) = torch.autograd.grad(pen.mean(), w)
+    assert torch.allclose(g, 2 * w.detach(), rtol=1e-5)
+    assert torch.allclose(r1_loss(pen, gamma=10.0, interval=16), pen.mean() * 5.0 * 16)
+    with pytest.raises(ValueError):
+        r1_penalty(torch.randn(2, 3), torch.zeros(2))
+    with pytest.raises(ValueError):
+        r1_loss(pen, gamma=-1.0)
+
+
+def _perfect_q(spec: LatentSpec, sample, scale: float = 40.0) -> torch.Tensor:
+    parts = [F.one_hot(sample.cat[:, j], k).float() * scale for j, k in enumerate(spec.categorical)]
+    parts.append((sample.bern * 2 - 1) * scale)
+    parts.append(sample.unif.clone())  # exact means
+    return torch.cat(parts, dim=1)
+
+
+def test_info_terms_perfect_q_reaches_discrete_entropy() -> None:
+    spec = LatentSpec(z_dim=64, categorical=(3, 4), n_bernoulli=5, n_uniform=3)
+    s = spec.sample(64, torch.Generator().manual_seed(0))
+    t = info_terms(spec, _perfect_q(spec, s), s)
+    h_disc = math.log(3) + math.log(4) + 5 * LOG2
+    assert t.discrete_bound == pytest.approx(h_disc)
+    assert float(t.l_info_discrete) == pytest.approx(h_disc, abs=1e-4)
+    # each uniform code with an exact Gaussian mean contributes log 2 - log(2 pi)/2
+    assert torch.allclose(t.per_code[-3:], torch.full((3,), LOG2 - HALF_LOG_2PI), atol=1e-6)
+    assert float(t.l_info) == pytest.approx(h_disc + 3 * (LOG2 - HALF_LOG_2PI), abs=1e-4)
+    assert float(t.neg_log_q) == pytest.approx(3 * HALF_LOG_2PI, abs=1e-4)
+
+
+def test_info_terms_uninformative_q_is_zero_for_discrete_codes() -> None:
+    spec = LatentSpec(z_dim=64, categorical=(3,), n_bernoulli=7, n_uniform=10)
+    s = spec.sample(20000, torch.Generator().manual_seed(1))
+    t = info_terms(spec, torch.zeros(20000, spec.q_param_dim), s)
+    assert abs(float(t.l_info_discrete)) < 1e-5
+    assert torch.allclose(t.per_code[:8], torch.zeros(8), atol=1e-5)
+    # mu = 0 for U(-1, 1): E[-c^2/2] = -1/6
+    assert torch.allclose(t.per_code[8:], torch.full((10,), LOG2 - HALF_LOG_2PI - 1 / 6), atol=0.01)
+    # neg_log_q and l_info differ by the total prior entropy
+    assert float(t.l_info + t.neg_log_q) == pytest.approx(float(spec.entropy().sum()), abs=1e-4)
+
+
+def test_info_terms_between_bounds_and_differentiable() -> None:
+    spec = LatentSpec(z_dim=32, categorical=(3,), n_bernoulli=2, n_uniform=0)
+    s = spec.sample(32, torch.Generator().manual_seed(2))
+    q = (_perfect_q(spec, s, scale=1.0) + 0.3 * torch.randn(32, spec.q_param_dim)).requires_grad_()
+    t = info_terms(spec, q, s)
+    assert 0 < float(t.l_info_discrete.detach()) < t.discrete_bound
+    t.neg_log_q.backward()
+    assert q.grad is not None and float(q.grad.abs().sum()) > 0
+
+
+def test_beta_weights_the_info_term() -> None:
+    fake, real = torch.randn(6), torch.randn(6)
+    nlq = torch.tensor(1.7)
+    g0 = g_nonsaturating_loss(fake)
+    assert torch.equal(total_generator_loss(fake, neg_log_q=torch.tensor(float("nan")), beta=0.0), g0)
+    assert torch.allclose(total_generator_loss(fake, neg_log_q=nlq, beta=2.0), g0 + 3.4)
+    d0 = d_logistic_loss(real, fake)
+    assert torch.equal(
+        total_discriminator_loss(real, fake, neg_log_q=torch.tensor(float("nan")), beta=0.0), d0
+    )
+    total = total_discriminator_loss(
+        real,
+        fake,
+        neg_log_q=nlq,
+        beta=1.0,
+        r1=torch.tensor(0.5),
+        grade_ce=torch.tensor(2.0),
+        grade_weight=0.5,
+    )
+    assert torch.allclose(total, d0 + 1.7 + 0.5 + 1.0)
+    with pytest.raises(ValueError):
+        total_generator_loss(fake, neg_log_q=torch.ones(3), beta=1.0)
+    with pytest.raises(ValueError):
+        total_generator_loss(fake, neg_log_q=nlq, beta=-1.0)
+
+
+def test_grade_ce_loss() -> None:
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    grade = torch.tensor([0, 2])
+    expected = 0.5 * (-math.log(math.exp(2) / (math.exp(2) + 2)) + math.log(3))
+    assert float(grade_ce_loss(logits, grade)) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError):
+        grade_ce_loss(logits, torch.tensor([0]))
