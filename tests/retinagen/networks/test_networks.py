@@ -368,3 +368,17 @@ def test_channels_last_matches_contiguous() -> None:
     assert torch.allclose(
         g(s.z_noise, s.code(), noise_mode="const"), g_cl(s.z_noise, s.code(), noise_mode="const"), atol=1e-5
     )
+
+
+def test_modulated_conv_fused_and_unfused_agree() -> None:
+    from retinagen.networks.layers import modulated_conv2d
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 6, 9, 9, generator=g)
+    w = torch.randn(4, 6, 3, 3, generator=g)
+    s = torch.rand(5, 6, generator=g) + 0.5
+    for demod in (True, False):
+        a = modulated_conv2d(x, w, s, demodulate=demod, fused=True)
+        b = modulated_conv2d(x, w, s, demodulate=demod, fused=False)
+        assert a.shape == b.shape == (5, 4, 9, 9)
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)

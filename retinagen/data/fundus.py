@@ -1,0 +1,736 @@
+"""Fundus photograph preprocessing: field-of-view (FOV) detection, square crop, resize, circular mask,
+optional Ben Graham local-contrast normalisation, and scaling to the model's [-1, 1] range.
+
+Layout conventions (read these before calling anything):
+
+- The numpy functions (`detect_fov`, `to_rgb_float`, `preprocess_fundus`) take CHANNEL-LAST images,
+  ``[H, W]`` or ``[H, W, C]`` with C in (1, 3, 4), RGB(A) order (not OpenCV's BGR), as decoded from
+  a file by PIL / imageio. MONAI's `PILReader` returns ``(W, H, C)`` unless told otherwise:
+  transpose such arrays before calling these functions.
+- The MONAI transforms (`FundusCrop`, `CircularMask`, `BenGraham`, `FundusPreprocess` and their
+  ``...d`` dict variants) take CHANNEL-FIRST ``[C, H, W]`` numpy arrays or torch tensors, like the
+  rest of MONAI.
+- Accepted dtypes: uint8, uint16, float16/32/64 in [0, 1]. uint16 is divided by 65535, except when
+  every value fits in 12 bits (max <= 4095): then it is taken as 12-bit data (common for fundus
+  cameras and DICOM with BitsStored = 12) and divided by 4095. The only image this misreads is a
+  true 16-bit image that is 16x underexposed, which is useless anyway.
+- Coordinates: x = column, y = row, pixel centres at integer indices.
+
+Why not MONAI's `CropForeground`: its default ``> 0`` keeps JPEG noise in the black surround and it
+cannot recover a circle that the frame cuts off (EyePACS). Why no flips anywhere here: flipping a
+fundus swaps left/right eye laterality, which is a label. Everything here is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, Transform
+from monai.utils import TransformBackends, convert_data_type
+
+from retinagen.errors import NoFundusError
+
+__all__ = [
+    "FOV",
+    "MASK_MARGIN",
+    "BenGraham",
+    "BenGrahamd",
+    "CircularMask",
+    "CircularMaskd",
+    "FundusCrop",
+    "FundusCropd",
+    "FundusPreprocess",
+    "FundusPreprocessd",
+    "circular_mask",
+    "detect_fov",
+    "preprocess_fundus",
+    "to_model_range",
+    "to_rgb_float",
+]
+
+# Fraction of the radius by which the circular mask is pulled in, to hide the soft (resampled) rim.
+MASK_MARGIN = 0.02
+
+# FOV detection runs on a copy whose longest side is about this many pixels: the circle is fitted
+# to hundreds of edge points, so its error at this size is well under 1% of the radius, while
+# detection costs a few ms instead of tens of ms at full size.
+_DETECT_SIDE = 384
+_MIN_SIDE = 32  # below this there is nothing to detect
+_BLACK_LEVEL = 0.02  # 99.9th-percentile brightness below this (~5/255): the image is black
+_MIN_REL_CONTRAST = 0.3  # (FOV level - surround level) / FOV level, on the normalised image
+_THRESHOLD_FRACTION = 0.3  # threshold between surround and FOV level: low, to keep the dim periphery
+_MIN_DIAMETER_FRACTION = 0.25  # FOV diameter vs the image's shorter side
+_MIN_INLIER_FRACTION = 0.6  # share of the outline's free (non-border) points on the circle
+_MIN_ARC_DEGREES = 60.0  # total angle of the outline the circle is fitted to
+_MIN_SPREAD_DEGREES = 150.0  # angle from the first to the last piece of that outline
+_MIN_VISIBLE_FRACTION = 0.5  # share of the fitted disc inside the frame
+_MIN_COVERAGE = 0.9  # share of the visible disc covered by the bright region
+_MAX_SPILL = 0.08  # share of the bright region outside the (3% enlarged) disc
+
+_FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+
+
+@dataclass(frozen=True)
+class FOV:
+    """A fundus field of view: a circle in the input image's pixel coordinates.
+
+    cx, cy: centre (x = column, y = row; pixel centres at integer indices), may lie anywhere in the
+        image. radius: in pixels. The circle is the full FOV even where the frame cuts it.
+    frame_cut: fraction of the circle's vertical extent (2 * radius) outside the image; 0 if whole.
+    coverage: fraction of the fitted disc's area *inside the frame* that the detected bright region
+        covers (1.0 = a perfect disc), measured against the circle fitted to the region's outline
+        (the one the sanity checks use, before the edge refinement that makes `radius` exact). The
+        part of the disc cut off by the frame is not counted here: that is what `frame_cut` reports.
+    """
+
+    cx: float
+    cy: float
+    radius: float
+    frame_cut: float
+    coverage: float
+
+
+# ---------------------------------------------------------------------------------------------------
+# Input checking and conversion
+# ---------------------------------------------------------------------------------------------------
+
+
+def _as_hwc(img: np.ndarray, name: str = "img") -> np.ndarray:
+    """Validate a channel-last image and return it as [H, W, C] (a view where possible)."""
+    if isinstance(img, torch.Tensor):
+        raise ValueError(
+            f"{name}: expected a channel-last numpy array [H, W] or [H, W, C]; got a torch tensor "
+            "(use the MONAI transforms for channel-first tensors)"
+        )
+    if not isinstance(img, np.ndarray):
+        raise ValueError(f"{name}: expected a numpy array, got {type(img).__name__}")
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.ndim != 3 or img.shape[2] not in (1, 3, 4):
+        raise ValueError(
+            f"{name}: expected a channel-last image [H, W] or [H, W, C] with C in (1, 3, 4), "
+            f"got shape {tuple(img.shape)}"
+        )
+    if img.shape[0] < 1 or img.shape[1] < 1:
+        raise ValueError(f"{name}: empty image of shape {tuple(img.shape)}")
+    if img.dtype not in (np.uint8, np.uint16) and img.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name}: dtype must be uint8, uint16 or float in [0, 1], got {img.dtype}")
+    if img.dtype in _FLOAT_DTYPES:
+        lo, hi = float(np.min(img)), float(np.max(img))
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -1e-3 or hi > 1 + 1e-3:
+            raise ValueError(f"{name}: float images must be finite and in [0, 1], got range [{lo}, {hi}]")
+    return img
+
+
+def _value_scale(img: np.ndarray) -> float:
+    """The number that maps `img`'s integer values to [0, 1] (1.0 for floats). See module docstring."""
+    if img.dtype == np.uint8:
+        return 255.0
+    if img.dtype == np.uint16:
+        return 4095.0 if int(img.max()) <= 4095 else 65535.0
+    return 1.0
+
+
+def _to_rgb_float(img: np.ndarray, scale: float) -> np.ndarray:
+    """[H, W, C] any accepted dtype -> float32 [H, W, 3] in [0, 1]; `scale` from `_value_scale`."""
+    f = img.astype(np.float32)
+    if scale != 1.0:
+        f *= np.float32(1.0 / scale)
+    else:
+        np.clip(f, 0.0, 1.0, out=f)  # floats may carry tiny rounding excursions
+    c = f.shape[2]
+    if c == 1:
+        f = np.repeat(f, 3, axis=2)
+    elif c == 4:
+        f = f[:, :, :3] * f[:, :, 3:4]  # composite on black (the fundus surround colour)
+    return np.ascontiguousarray(f)
+
+
+def to_rgb_float(img: np.ndarray) -> np.ndarray:
+    """Any accepted image -> float32 [H, W, 3] RGB in [0, 1] (channel-last in and out).
+
+    img: [H, W] or [H, W, C], C in (1, 3, 4); uint8 (/255), uint16 (/65535, or /4095 when every value
+        fits in 12 bits), or float in [0, 1]. Gray is replicated to 3 channels; RGBA is composited on
+        black (rgb * alpha).
+    """
+    arr = _as_hwc(img)
+    return _to_rgb_float(arr, _value_scale(arr))
+
+
+def _cv2_ready(img: np.ndarray) -> np.ndarray:
+    """OpenCV wants contiguous arrays and has no float16 resize."""
+    if img.dtype == np.float16:
+        img = img.astype(np.float32)
+    return np.ascontiguousarray(img)
+
+
+def _resize(img: np.ndarray, width: int, height: int) -> np.ndarray:
+    """cv2.resize that keeps the channel axis ([H, W, 1] stays 3-D).
+
+    INTER_AREA when shrinking: it is an exact box filter for any ratio, so no aliasing of vessels
+    and JPEG noise; bilinear when enlarging (INTER_AREA degenerates to it there anyway). cv2 rather
+    than monai.transforms.Resize: it works on uint8 natively and is several times faster on CPU.
+    """
+    shrinking = width < img.shape[1] or height < img.shape[0]
+    interp = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    out = cv2.resize(_cv2_ready(img), (width, height), interpolation=interp)
+    if out.ndim == 2:
+        out = out[:, :, None]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Field-of-view detection
+# ---------------------------------------------------------------------------------------------------
+
+
+def _fit_circle(pts: np.ndarray) -> tuple[float, float, float]:
+    """Least-squares algebraic (Kasa) circle fit to points [N, 2] (x, y) -> (cx, cy, r)."""
+    mean = pts.mean(axis=0)
+    p = (pts - mean).astype(np.float64)
+    # x^2 + y^2 = 2 a x + 2 b y + c, linear in (a, b, c); centred for conditioning.
+    a_mat = np.column_stack([2 * p[:, 0], 2 * p[:, 1], np.ones(len(p))])
+    rhs = (p**2).sum(axis=1)
+    (a, b, c), *_ = np.linalg.lstsq(a_mat, rhs, rcond=None)
+    r2 = c + a * a + b * b
+    r = math.sqrt(r2) if r2 > 0 else float("nan")
+    return float(a + mean[0]), float(b + mean[1]), r
+
+
+def _robust_circle(pts: np.ndarray) -> tuple[float, float, float, np.ndarray]:
+    """Kasa fit, then refit on inliers until stable.
+
+    Inlier: residual below 3 robust sigmas, but never above 2% of the radius (so a ragged, non-round
+    outline cannot make every point an inlier) nor below 1.5 px (pixel quantisation). Drops outline
+    points that are not on the FOV circle: camera notches, dark vessels or lesions that dent the rim.
+    Returns (cx, cy, r, inlier mask).
+    """
+    inliers = np.ones(len(pts), dtype=bool)
+    cx, cy, r = _fit_circle(pts)
+    for _ in range(6):
+        if not math.isfinite(r):
+            break
+        res = np.abs(np.hypot(pts[:, 0] - cx, pts[:, 1] - cy) - r)
+        sigma = 1.4826 * float(np.median(res[inliers]))
+        new = res < max(1.5, min(3.0 * sigma, 0.02 * r))
+        if new.sum() < 8 or np.array_equal(new, inliers):
+            break
+        inliers = new
+        cx, cy, r = _fit_circle(pts[inliers])
+    return cx, cy, r, inliers
+
+
+def _refine_circle(
+    bright: np.ndarray, cx: float, cy: float, r: float, low: float, level: float
+) -> tuple[float, float, float] | None:
+    """Move the circle onto the FOV's actual edge: the steepest brightness drop along radial rays.
+
+    The threshold outline sits wherever the dim periphery crosses the threshold, so vignetting
+    (common in EyePACS) shrinks it; the edge of the FOV, a sharp step to black, does not move with
+    exposure or threshold. bright: [h, w] smoothed brightness; (cx, cy, r): the outline's circle;
+    low: the surround's level; level: the outline's threshold. A ray counts if, 3 px past its
+    steepest drop, it is below `level` (surround) and the drop is at least half of level - low.
+    Rays that leave the image before the edge (frame cut) are skipped. Returns None if too few rays
+    agree or the circle would move implausibly far.
+    """
+    h, w = bright.shape
+    theta = np.linspace(0.0, 2.0 * math.pi, 360, endpoint=False)
+    step = 0.25
+    rho = np.arange(0.85 * r, 1.15 * r + 4.0, step)
+    mx = (cx + np.cos(theta)[:, None] * rho[None, :]).astype(np.float32)
+    my = (cy + np.sin(theta)[:, None] * rho[None, :]).astype(np.float32)
+    prof = cv2.remap(bright, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    inside = (mx >= 1) & (mx <= w - 2) & (my >= 1) & (my <= h - 2)
+    # A ray leaving a rectangle never re-enters it: its usable part is the leading run of `inside`.
+    n_in = np.where(inside.all(axis=1), rho.size, np.argmin(inside, axis=1))
+    grad = np.gradient(prof, axis=1)
+    k = round(3.0 / step)  # 3 px on either side of the edge
+    j_all = np.arange(rho.size)[None, :]
+    searchable = (j_all >= k) & (j_all < (n_in - k)[:, None])
+    j = np.argmin(np.where(searchable, grad, np.inf), axis=1)
+    ok = searchable[np.arange(theta.size), j]
+    # Means of the profile over [j - k, j - k/2) (inside) and [j + k/2, j + k) (outside).
+    csum = np.concatenate([np.zeros((theta.size, 1), np.float64), np.cumsum(prof, axis=1)], axis=1)
+    rows = np.arange(theta.size)
+
+    def window_mean(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        a, b = np.clip(a, 0, rho.size), np.clip(b, 0, rho.size)
+        return (csum[rows, b] - csum[rows, a]) / np.maximum(1, b - a)
+
+    before = window_mean(j - k, j - k // 2)
+    after = window_mean(j + k // 2, j + k)
+    ok &= (after < level) & (before - after > 0.5 * (level - low))
+    jj = np.clip(j, 1, rho.size - 2)
+    g0, g1, g2 = grad[rows, jj - 1], grad[rows, jj], grad[rows, jj + 1]
+    denom = g0 - 2.0 * g1 + g2
+    offset = np.where(denom > 0, 0.5 * (g0 - g2) / np.where(denom > 0, denom, 1.0), 0.0)
+    re = rho[jj] + step * np.clip(offset, -1.0, 1.0)
+    if ok.sum() < 20:
+        return None
+    pts = np.column_stack([cx + np.cos(theta) * re, cy + np.sin(theta) * re])[ok]
+    ncx, ncy, nr, inliers = _robust_circle(pts)
+    moved = math.hypot(ncx - cx, ncy - cy) + abs(nr - r) if math.isfinite(nr) else math.inf
+    if inliers.sum() < 16 or moved > 0.15 * r:
+        return None
+    return ncx, ncy, nr
+
+
+def _no_fundus(reason: str) -> NoFundusError:
+    return NoFundusError(None, f"no fundus found: {reason}")
+
+
+def detect_fov(img: np.ndarray) -> FOV:
+    """Find the circular field of view of a fundus photograph.
+
+    img: channel-last [H, W] or [H, W, C], C in (1, 3, 4), uint8 / uint16 / float in [0, 1].
+    Returns the FOV circle in `img`'s pixel coordinates; if the frame cuts the circle (EyePACS crops
+    top and bottom), the full circle is returned and `frame_cut` > 0.
+
+    Method (on a copy downscaled to about 384 px): brightness = mean of red and green (blue is dark and
+    noisy in fundus photos), Gaussian-smoothed; normalised by its 99.9th percentile so dark and
+    overexposed photos look alike; Otsu splits surround from FOV, and the threshold is placed 30% of
+    the way from the surround's median to the FOV's median (robust to JPEG noise, keeps the dim
+    periphery); morphological opening; largest connected component, holes filled; a robust circle
+    fit to its outline points that do NOT lie on the image border; sanity checks (the reasons in
+    NoFundusError); finally the circle is moved onto the steepest radial brightness drop, the FOV's
+    true edge, which vignetting and exposure do not shift.
+
+    Raises NoFundusError (a BadInputError) when there is no fundus: black, uniform or too small
+    images, no dark surround, or a bright region that is not a large round disc (natural photos,
+    faces, noise).
+    """
+    arr = _as_hwc(img)
+    h, w = arr.shape[:2]
+    if min(h, w) < _MIN_SIDE:
+        raise _no_fundus(f"the image is too small ({w}x{h} px)")
+    scale = _value_scale(arr)
+
+    # Shrink by an integer factor (dropping < f edge pixels): cv2's INTER_AREA has a fast exact path
+    # for integer ratios (1.5 ms instead of 4.5 ms for 1411 px), and small pixel i then covers
+    # exactly full-res pixels [f * i, f * (i + 1)).
+    f = max(1, round(max(h, w) / _DETECT_SIDE))
+    hs, ws = h // f, w // f
+    small = _resize(arr[: hs * f, : ws * f], ws, hs) if f > 1 else arr
+
+    rgb = _to_rgb_float(small, scale)
+    bright = 0.5 * (rgb[:, :, 0] + rgb[:, :, 1])
+    bright = cv2.GaussianBlur(bright, (0, 0), sigmaX=1.5)
+
+    top = float(np.percentile(bright, 99.9))
+    if top < _BLACK_LEVEL:
+        raise _no_fundus(
+            f"the image is black or nearly black (99.9th percentile brightness {top * 255:.1f}/255)"
+        )
+    bright_n = bright * np.float32(1.0 / top)
+    u8 = np.clip(bright_n * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    otsu, _ = cv2.threshold(u8, 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
+    low_vals, high_vals = u8[u8 <= otsu], u8[u8 > otsu]
+    if low_vals.size == 0 or high_vals.size == 0:
+        raise _no_fundus("the image is uniform (no bright field of view against a dark surround)")
+    low, high = float(np.median(low_vals)), float(np.median(high_vals))
+    if high - low < _MIN_REL_CONTRAST * high:
+        raise _no_fundus(
+            f"no dark surround around a bright field of view (contrast {100 * (high - low) / high:.0f}%)"
+        )
+    thr = low + _THRESHOLD_FRACTION * (high - low)
+
+    mask = (u8 > thr).astype(np.uint8)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)  # JPEG specks, thin text in the surround
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if n < 2:
+        raise _no_fundus("no bright region after removing noise")
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    region = (labels == largest).astype(np.uint8)
+    contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    outline = max(contours, key=len)
+    filled = np.zeros_like(region)
+    cv2.drawContours(filled, [outline], -1, 1, thickness=-1)  # fills holes (dark lesions, disc rim)
+
+    pts = outline[:, 0, :].astype(np.float64)
+    on_border = (pts[:, 0] <= 1) | (pts[:, 0] >= ws - 2) | (pts[:, 1] <= 1) | (pts[:, 1] >= hs - 2)
+    free = pts[~on_border]
+    if len(free) < 16:
+        raise _no_fundus("the bright region fills the frame; no edge of a field of view is visible")
+    cx, cy, r, inliers = _robust_circle(free)
+    if not (math.isfinite(r) and r > 0):
+        raise _no_fundus("the bright region's outline is not circular")
+    if inliers.mean() < _MIN_INLIER_FRACTION:
+        raise _no_fundus(
+            f"the bright region's outline is not circular ({100 * inliers.mean():.0f}% of it on a circle)"
+        )
+    # Enough of the circle, spread around it, to pin down centre and radius: EyePACS leaves two
+    # opposite arcs, a corner-cropped photo four short ones; one short arc is not enough.
+    angles = np.degrees(np.arctan2(free[inliers, 1] - cy, free[inliers, 0] - cx))
+    bins = np.unique(np.floor((angles + 180.0) / 10.0).astype(int) % 36)
+    gaps = np.diff(np.concatenate([bins, bins[:1] + 36]))
+    arc, spread = 10.0 * bins.size, 360.0 - 10.0 * (int(gaps.max()) - 1)
+    if arc < _MIN_ARC_DEGREES or spread < _MIN_SPREAD_DEGREES:
+        raise _no_fundus(f"too little of a circular edge is visible ({arc:.0f} degrees)")
+    if not (0 <= cx < ws and 0 <= cy < hs):
+        raise _no_fundus("the fitted circle's centre lies outside the image")
+    if 2 * r < _MIN_DIAMETER_FRACTION * min(ws, hs):
+        raise _no_fundus(
+            f"the round bright region is too small (diameter {100 * 2 * r / min(ws, hs):.0f}% "
+            "of the image's shorter side)"
+        )
+
+    yy, xx = np.mgrid[0:hs, 0:ws]
+    d2 = (xx - cx) ** 2 + (yy - cy) ** 2
+    disc = d2 <= r * r
+    visible = disc.sum() / (math.pi * r * r)
+    if visible < _MIN_VISIBLE_FRACTION:
+        raise _no_fundus(f"most of the fitted circle lies outside the image ({100 * visible:.0f}% inside)")
+    coverage = float((filled.astype(bool) & disc).sum() / max(1, disc.sum()))
+    if coverage < _MIN_COVERAGE:
+        raise _no_fundus(f"the bright region fills only {100 * coverage:.0f}% of its fitted circle")
+    spill = float((filled.astype(bool) & (d2 > (1.03 * r) ** 2)).sum() / max(1, filled.sum()))
+    if spill > _MAX_SPILL:
+        raise _no_fundus(f"{100 * spill:.0f}% of the bright region lies outside its fitted circle")
+
+    refined = _refine_circle(bright_n, cx, cy, r, low / 255.0, thr / 255.0)
+    if refined is not None:
+        cx, cy, r = refined
+    else:
+        # Outline pixels are the outermost pixels *inside* the region: the edge is half a pixel out.
+        r += 0.5
+    # Back to full-resolution pixel coordinates (small pixel centre i <-> full-res f * (i + 0.5) - 0.5).
+    cx_full = f * (cx + 0.5) - 0.5
+    cy_full = f * (cy + 0.5) - 0.5
+    r_full = f * r
+    outside = max(0.0, -0.5 - (cy_full - r_full)) + max(0.0, (cy_full + r_full) - (h - 0.5))
+    frame_cut = min(1.0, outside / (2 * r_full))
+    return FOV(cx=cx_full, cy=cy_full, radius=r_full, frame_cut=frame_cut, coverage=coverage)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Crop, mask, Ben Graham, full chain (numpy, channel-last)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _check_fov(fov: FOV) -> None:
+    if not isinstance(fov, FOV):
+        raise ValueError(f"fov must be a FOV, got {type(fov).__name__}")
+    if not all(math.isfinite(v) for v in (fov.cx, fov.cy, fov.radius)) or fov.radius <= 0:
+        raise ValueError(f"fov must have a finite centre and a positive radius, got {fov}")
+
+
+def _square_crop(img: np.ndarray, fov: FOV) -> np.ndarray:
+    """[H, W, C] -> [S, S, C] in the same dtype, S = round(2 * radius), centred on the FOV.
+
+    Where the square leaves the image (frame-cut FOVs), it is padded with zeros (black).
+    """
+    h, w, c = img.shape
+    side = max(1, round(2 * fov.radius))
+    # In edge coordinates (pixel i spans [i, i + 1)) the circle's centre is at cx + 0.5.
+    x0 = round(fov.cx + 0.5 - side / 2)
+    y0 = round(fov.cy + 0.5 - side / 2)
+    x1, y1 = x0 + side, y0 + side
+    if x0 >= 0 and y0 >= 0 and x1 <= w and y1 <= h:
+        return img[y0:y1, x0:x1]
+    out = np.zeros((side, side, c), dtype=img.dtype)
+    sx0, sy0, sx1, sy1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
+    if sx1 > sx0 and sy1 > sy0:
+        out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = img[sy0:sy1, sx0:sx1]
+    return out
+
+
+@lru_cache(maxsize=32)
+def _circular_mask_cached(height: int, width: int, margin: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:height, 0:width]
+    cy, cx = (height - 1) / 2, (width - 1) / 2
+    rad = 0.5 * min(height, width) * (1.0 - margin)
+    m = (xx - cx) ** 2 + (yy - cy) ** 2 <= rad * rad
+    m.flags.writeable = False
+    return m
+
+
+def circular_mask(height: int, width: int, margin: float = MASK_MARGIN) -> np.ndarray:
+    """bool [height, width]: True inside the centred circle of radius min(H, W) / 2 * (1 - margin)."""
+    if height < 1 or width < 1:
+        raise ValueError(f"mask size must be positive, got {height}x{width}")
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"margin must be in [0, 1), got {margin}")
+    return _circular_mask_cached(int(height), int(width), float(margin))
+
+
+def _ben_graham_255(f: np.ndarray, sigma: float) -> np.ndarray:
+    """Ben Graham (Kaggle DR 2015): 4 * img - 4 * GaussianBlur(img, sigma) + 128, on float32 in
+    0..255 units, clipped to [0, 255]. f: [H, W, C] float32 (C <= 4)."""
+    blur = cv2.GaussianBlur(f, (0, 0), sigmaX=sigma)
+    if blur.ndim == 2:
+        blur = blur[:, :, None]
+    return np.clip(4.0 * f - 4.0 * blur + 128.0, 0.0, 255.0)
+
+
+def _ben_graham_sigma(resolution: int) -> int:
+    # Python-3 integer division as in the original (resolution / 30 under Python 2); at least 1 so
+    # tiny images still get a blur.
+    return max(1, resolution // 30)
+
+
+def preprocess_fundus(
+    img: np.ndarray,
+    resolution: int,
+    *,
+    ben_graham: bool = False,
+    mask: bool = True,
+    fov: FOV | None = None,
+) -> np.ndarray:
+    """Fundus photograph -> uint8 [resolution, resolution, 3] RGB (channel-last), what `prepare` stores.
+
+    img: channel-last [H, W] or [H, W, C], C in (1, 3, 4), uint8 / uint16 / float in [0, 1].
+    Steps: detect the FOV (unless `fov` is given); crop a square of side 2 * radius centred on it,
+    black where the square leaves the image; resize (INTER_AREA when shrinking); optionally Ben
+    Graham normalisation with sigma = resolution // 30; zero outside the circle of radius
+    resolution / 2 * (1 - MASK_MARGIN) if `mask`. Deterministic. Raises NoFundusError from
+    detection, ValueError on bad shapes/dtypes.
+    """
+    if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 8:
+        raise ValueError(f"resolution must be an int >= 8, got {resolution!r}")
+    arr = _as_hwc(img)
+    if fov is None:
+        fov = detect_fov(arr)
+    _check_fov(fov)
+    crop = _square_crop(arr, fov)
+    if arr.dtype == np.uint8 and arr.shape[2] == 3:
+        # Fast path for the common case: resample uint8 directly (cv2's uint8 INTER_AREA is exact
+        # fixed-point box filtering), no float copy of the full-resolution image.
+        out = _resize(crop, resolution, resolution)
+    else:
+        rgb = _resize(_to_rgb_float(crop, _value_scale(arr)), resolution, resolution)
+        out = (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    if ben_graham:
+        out = (_ben_graham_255(out.astype(np.float32), _ben_graham_sigma(resolution)) + 0.5).astype(np.uint8)
+    if mask:
+        out = out * circular_mask(resolution, resolution)[:, :, None].astype(np.uint8)
+    return np.ascontiguousarray(out)
+
+
+def to_model_range(img_u8: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 [H, W, 3] (channel-last) or [3, H, W] (channel-first) -> float32 [3, H, W] in [-1, 1].
+
+    Layout: a numpy array whose last axis is 3 is read as channel-last, otherwise channel-first; a
+    torch tensor whose first axis is 3 is read as channel-first, otherwise channel-last (the
+    conventions of each library, which only matter for the ambiguous [3, H, 3] shape).
+    """
+    is_torch = isinstance(img_u8, torch.Tensor)
+    t = img_u8.detach().cpu() if is_torch else torch.from_numpy(np.ascontiguousarray(img_u8))
+    if t.dtype != torch.uint8:
+        raise ValueError(f"to_model_range expects uint8, got {t.dtype}")
+    if t.ndim != 3 or (t.shape[0] != 3 and t.shape[-1] != 3):
+        raise ValueError(f"to_model_range expects [H, W, 3] or [3, H, W], got shape {tuple(t.shape)}")
+    channel_first = t.shape[0] == 3 if is_torch else t.shape[-1] != 3
+    if not channel_first:
+        t = t.permute(2, 0, 1)
+    return t.to(torch.float32).div(127.5).sub(1.0).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------
+# MONAI transforms (channel-first)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _chw_numpy(img: Any, who: str) -> np.ndarray:
+    """Channel-first numpy/torch [C, H, W] -> contiguous numpy [H, W, C] (validated like `_as_hwc`)."""
+    if not isinstance(img, (np.ndarray, torch.Tensor)):
+        raise ValueError(f"{who}: expected a numpy array or torch tensor [C, H, W], got {type(img).__name__}")
+    if img.ndim != 3 or img.shape[0] not in (1, 3, 4):
+        raise ValueError(
+            f"{who}: expected a channel-first image [C, H, W] with C in (1, 3, 4), got shape "
+            f"{tuple(img.shape)} (channel-last [H, W, C] arrays go to the numpy functions instead)"
+        )
+    arr, *_ = convert_data_type(img, output_type=np.ndarray)
+    # One contiguous copy here, not one per cv2 call on a strided view; cv2.merge interleaves planes
+    # ~30x faster than numpy's transpose copy.
+    if arr.shape[0] > 1 and arr.dtype in (np.uint8, np.uint16, np.float32, np.float64):
+        hwc = cv2.merge([np.ascontiguousarray(plane) for plane in arr])
+    else:
+        hwc = np.ascontiguousarray(np.moveaxis(arr, 0, -1))
+    return _as_hwc(hwc, who)
+
+
+def _like_input(out: np.ndarray, img: Any) -> np.ndarray | torch.Tensor:
+    """numpy stays numpy; a tensor (MetaTensor too) becomes a plain tensor on the input's device.
+
+    Plain, because a crop/resize invalidates a MetaTensor's affine and we do not track geometry.
+    """
+    if isinstance(img, torch.Tensor):
+        return torch.as_tensor(np.ascontiguousarray(out)).to(img.device)
+    return np.ascontiguousarray(out)
+
+
+class FundusCrop(Transform):
+    """Detect the FOV and crop a square of side round(2 * radius) around it (black padding where the
+    square leaves the image).
+
+    In: channel-first [C, H, W], C in (1, 3, 4), uint8 / uint16 / float in [0, 1], numpy or torch.
+    Out: float32 [3, S, S] in [0, 1] (gray replicated, RGBA composited on black), same container
+    type as the input. Raises NoFundusError if there is no fundus.
+    """
+
+    backend = [TransformBackends.NUMPY, TransformBackends.TORCH]
+
+    def __call__(self, img: Any) -> np.ndarray | torch.Tensor:
+        hwc = _chw_numpy(img, "FundusCrop")
+        crop = _square_crop(hwc, detect_fov(hwc))
+        return _like_input(_to_rgb_float(crop, _value_scale(hwc)).transpose(2, 0, 1), img)
+
+
+class CircularMask(Transform):
+    """Zero everything outside the centred circle of radius min(H, W) / 2 * (1 - margin).
+
+    In/out: channel-first [C, H, W], any dtype, numpy or torch; dtype, device and type are kept.
+    """
+
+    backend = [TransformBackends.NUMPY, TransformBackends.TORCH]
+
+    def __init__(self, margin: float = MASK_MARGIN) -> None:
+        if not 0.0 <= margin < 1.0:
+            raise ValueError(f"margin must be in [0, 1), got {margin}")
+        self.margin = margin
+
+    def __call__(self, img: Any) -> np.ndarray | torch.Tensor:
+        if not isinstance(img, (np.ndarray, torch.Tensor)) or img.ndim != 3:
+            raise ValueError(
+                f"CircularMask: expected a channel-first [C, H, W] array/tensor, got "
+                f"{tuple(getattr(img, 'shape', ()))}"
+            )
+        m = circular_mask(int(img.shape[1]), int(img.shape[2]), self.margin)
+        if isinstance(img, torch.Tensor):
+            keep = torch.from_numpy(m.copy()).to(img.device)
+            return torch.where(keep[None], img, torch.zeros((), dtype=img.dtype, device=img.device))
+        return np.where(m[None], img, np.zeros((), dtype=img.dtype))
+
+
+class BenGraham(Transform):
+    """Ben Graham local-contrast normalisation: 4 * img - 4 * GaussianBlur(img, sigma) + 128 (in 0..255
+    units), clipped. sigma defaults to min(H, W) // 30 (at least 1).
+
+    In: channel-first [C, H, W], C in (1, 3), numpy or torch. uint8 in -> uint8 out (rounded); any
+    other accepted dtype (uint16, float in [0, 1]) -> float32 in [0, 1] (offset 128/255). Same
+    container type as the input. No mask: follow with CircularMask to blank the surround.
+    """
+
+    backend = [TransformBackends.NUMPY, TransformBackends.TORCH]
+
+    def __init__(self, sigma: float | None = None) -> None:
+        if sigma is not None and not sigma > 0:
+            raise ValueError(f"sigma must be positive, got {sigma}")
+        self.sigma = sigma
+
+    def __call__(self, img: Any) -> np.ndarray | torch.Tensor:
+        hwc = _chw_numpy(img, "BenGraham")
+        if hwc.shape[2] not in (1, 3):
+            raise ValueError(f"BenGraham: expected 1 or 3 channels, got {hwc.shape[2]}")
+        sigma = self.sigma if self.sigma is not None else _ben_graham_sigma(min(hwc.shape[:2]))
+        f = hwc.astype(np.float32) * np.float32(255.0 / _value_scale(hwc))
+        out = _ben_graham_255(np.ascontiguousarray(f), sigma)
+        res = (out + 0.5).astype(np.uint8) if hwc.dtype == np.uint8 else (out / 255.0).astype(np.float32)
+        return _like_input(res.transpose(2, 0, 1), img)
+
+
+class FundusPreprocess(Transform):
+    """The whole chain, `preprocess_fundus`, as a MONAI transform.
+
+    In: channel-first [C, H, W], C in (1, 3, 4), uint8 / uint16 / float in [0, 1], numpy or torch.
+    Out (always a torch tensor): output="float" -> float32 [3, R, R] in [-1, 1] (model input);
+    output="uint8" -> uint8 [3, R, R]. Raises NoFundusError if there is no fundus.
+    """
+
+    backend = [TransformBackends.NUMPY, TransformBackends.TORCH]
+
+    def __init__(
+        self,
+        resolution: int,
+        ben_graham: bool = False,
+        mask: bool = True,
+        output: Literal["float", "uint8"] = "float",
+    ) -> None:
+        if output not in ("float", "uint8"):
+            raise ValueError(f'output must be "float" or "uint8", got {output!r}')
+        if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 8:
+            raise ValueError(f"resolution must be an int >= 8, got {resolution!r}")
+        self.resolution = resolution
+        self.ben_graham = ben_graham
+        self.mask = mask
+        self.output = output
+
+    def __call__(self, img: Any) -> torch.Tensor:
+        hwc = _chw_numpy(img, "FundusPreprocess")
+        u8 = preprocess_fundus(hwc, self.resolution, ben_graham=self.ben_graham, mask=self.mask)
+        if self.output == "uint8":
+            return torch.from_numpy(np.ascontiguousarray(u8.transpose(2, 0, 1)))
+        return to_model_range(u8)
+
+
+class _ArrayToDict(MapTransform):
+    """Apply `self.transform` (an array transform) to each key of a dict; other keys pass through."""
+
+    transform: Transform
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.transform(d[key])
+        return d
+
+
+class FundusCropd(_ArrayToDict):
+    """Dict version of `FundusCrop` (channel-first [C, H, W] under each key)."""
+
+    backend = FundusCrop.backend
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transform = FundusCrop()
+
+
+class CircularMaskd(_ArrayToDict):
+    """Dict version of `CircularMask` (channel-first [C, H, W] under each key)."""
+
+    backend = CircularMask.backend
+
+    def __init__(
+        self, keys: KeysCollection, margin: float = MASK_MARGIN, allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transform = CircularMask(margin)
+
+
+class BenGrahamd(_ArrayToDict):
+    """Dict version of `BenGraham` (channel-first [C, H, W] under each key)."""
+
+    backend = BenGraham.backend
+
+    def __init__(
+        self, keys: KeysCollection, sigma: float | None = None, allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transform = BenGraham(sigma)
+
+
+class FundusPreprocessd(_ArrayToDict):
+    """Dict version of `FundusPreprocess` (channel-first [C, H, W] under each key)."""
+
+    backend = FundusPreprocess.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        resolution: int,
+        ben_graham: bool = False,
+        mask: bool = True,
+        output: Literal["float", "uint8"] = "float",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transform = FundusPreprocess(resolution, ben_graham=ben_graham, mask=mask, output=output)
