@@ -6,6 +6,7 @@ Heavy imports (torch, monai) happen inside the commands, so ``retinagen --help``
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from enum import Enum
@@ -140,7 +141,51 @@ def train(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Config override, e.g. --set loss.beta=0.5")] = None,
 ) -> None:
     """Train an MSI(S, beta, d) model (InfoStyleGAN by default)."""
-    _not_built("train", "issue 3: the MSI model family and its training")
+    import time as _time
+
+    from retinagen.config import deep_merge, load_run_config, parse_overrides
+    from retinagen.training.loop import load_run_config_from_dir
+    from retinagen.training.loop import train as run_training
+
+    if resume is not None:
+        if config is not None or preset is not None or set_ or data is not None:
+            raise RetinagenError("--resume continues a run with its own config; only --kimg may be changed")
+        cfg = load_run_config_from_dir(resume)
+        if kimg is not None:
+            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"kimg": kimg})})
+        run_dir = resume
+    else:
+        flag_layer: dict = {}
+        if data is not None:
+            flag_layer.setdefault("data", {})["path"] = str(data)
+        if kimg is not None:
+            flag_layer.setdefault("train", {})["kimg"] = kimg
+        if seed is not None:
+            flag_layer.setdefault("train", {})["seed"] = seed
+        cfg = load_run_config(
+            dataset.value,
+            preset=preset.value if preset else None,
+            config=config,
+            overrides=deep_merge(flag_layer, parse_overrides(set_)),
+        )
+        s, b, dd = cfg.msi
+        run_dir = out or Path("runs") / f"{dataset.value}-msi-s{s}-b{b:g}-d{dd}-{_time.strftime('%Y%m%d-%H%M%S')}"
+        ck_dir = run_dir / "checkpoints"
+        if ck_dir.is_dir() and any(ck_dir.iterdir()):
+            raise RetinagenError(f"{run_dir} already holds checkpoints: continue it with --resume {run_dir}, or pick a new --out")
+    summary = run_training(cfg, run_dir, resume=resume is not None)
+    if summary.last_checkpoint is not None and int(os.environ.get("RANK", "0")) == 0:
+        from retinagen.generation import load_model, write_traversal_grids
+
+        model = load_model(summary.last_checkpoint, with_discriminator=False)
+        write_traversal_grids(model, run_dir / "traversals")
+    state = "stopped" if summary.stopped_early else "finished"
+    typer.echo(
+        f"{state}: {summary.images_seen / 1000:.2f} kimg in {summary.elapsed_s:.0f} s ({summary.images_per_s:.1f} img/s); "
+        f"run folder {run_dir} (checkpoints/, samples/, traversals/, metrics.jsonl)"
+    )
+    if summary.stopped_early:
+        typer.echo(f"resume with: retinagen train --resume {run_dir}")
 
 
 @app.command()
@@ -152,8 +197,13 @@ def generate(
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Fix a code, e.g. --set c4=0.8")] = None,
 ) -> None:
-    """Generate images from a checkpoint."""
-    _not_built("generate", "issue 3: the MSI model family and its training")
+    """Generate images from a checkpoint (PNGs + manifest.csv marking every image synthetic)."""
+    from retinagen.generation import load_model, parse_code_settings, write_generated
+
+    model = load_model(checkpoint, with_discriminator=False)
+    codes = parse_code_settings(model.spec, set_, model.factor_names)
+    manifest = write_generated(model, out, n, seed, grade=grade, codes=codes)
+    typer.echo(f"wrote {n} images and {manifest}")
 
 
 @app.command()
@@ -166,7 +216,15 @@ def traverse(
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
 ) -> None:
     """Write a Figure-1-style traversal grid: rows vary one code, columns resample the rest."""
-    _not_built("traverse", "issue 3: the MSI model family and its training")
+    from retinagen.fileio import atomic_write_bytes
+    from retinagen.generation import load_model, png_bytes, traversal_grid
+
+    model = load_model(checkpoint, with_discriminator=False)
+    if not 0 <= factor < model.spec.n_codes:
+        raise RetinagenError(f"--factor {factor}: this model has codes 0..{model.spec.n_codes - 1}")
+    grid = traversal_grid(model, factor, steps=steps, samples=samples, seed=seed)
+    atomic_write_bytes(out, png_bytes(grid))
+    typer.echo(f"wrote {out} ({model.spec.code_kinds[factor]} code c{factor}: rows are its values, columns are samples)")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -123,6 +123,7 @@ class TrainConfig(_Strict):
     ema_kimg: float = Field(10.0, ge=0.0)
     ema_rampup: float | None = Field(0.05, ge=0.0)
     snapshot_kimg: float = Field(200.0, gt=0.0)
+    keep_checkpoints: int = Field(3, ge=1)  # newest snapshots kept in RUN/checkpoints
     sample_kimg: float = Field(50.0, gt=0.0)
     log_every_steps: int = Field(10, ge=1)
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on CUDA, off on CPU

@@ -1,0 +1,169 @@
+"""Training throughput of a full MSI step (D phase with Q, lazy R1 every 16, G phase, EMA).
+
+Prints, per resolution and width preset: images/s, ms/step, peak memory, FLOPs per image (counted
+with torch.utils.flop_counter, forward + backward + R1's double backward, amortised over the R1
+interval) and the achieved FLOP/s as a fraction of this machine's measured dense-matmul peak.
+
+    python benchmarks/train_throughput.py                       # CPU: cpu widths 64/128/256 + paper widths 64
+    python benchmarks/train_throughput.py --device cuda --widths paper --resolutions 256 --batch 32
+
+On CUDA it also prints seconds per kimg (the StyleGAN2-ADA paper quotes 21.6-24.2 s/kimg at 256 px,
+batch 32, on one V100).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from retinagen.config import load_run_config, parse_overrides
+from retinagen.training.loop import Trainer
+
+WIDTHS = {
+    # The cpu preset (configs/presets/cpu.yaml) and the paper's StyleGAN widths (configs/presets/gpu.yaml).
+    "cpu": ["model.w_dim=128", "model.mapping_layers=4", "model.g_channel_base=4096", "model.g_channel_max=128",
+            "model.d_channel_base=4096", "model.d_channel_max=128", "latent.z_dim=128"],
+    "paper": ["model.w_dim=512", "model.mapping_layers=8", "model.g_channel_base=16384", "model.g_channel_max=512",
+              "model.d_channel_base=16384", "model.d_channel_max=512", "latent.z_dim=512"],
+}
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    """Measured dense matmul FLOP/s of this machine (the denominator of the utilisation figure)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _GlobalOnly:
+    """Stand-in for FlopCounterMode's module tracker: we need the total only, and the tracker's
+    backward hooks fail under R1's ``autograd.grad`` on a leaf input."""
+
+    parents = {"Global"}
+
+    def __enter__(self) -> _GlobalOnly:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def count_flops(fn) -> int:
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _GlobalOnly()  # type: ignore[assignment]
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def bench(resolution: int, widths: str, batch: int, steps: int, device: str, amp: str, compile_: bool) -> dict:
+    overrides = [f"model.resolution={resolution}", f"train.batch_size={batch}", f"train.device={device}",
+                 f"train.amp={amp}", f"train.compile={str(compile_).lower()}", *WIDTHS[widths]]
+    cfg = load_run_config("synthfundus", overrides=parse_overrides(overrides))
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = Trainer(cfg, Path(tmp), progress=False)
+    dev = tr.device
+    tr.grade_probs = torch.full((cfg.model.num_classes,), 1.0 / cfg.model.num_classes, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    real = (torch.rand(batch, 3, resolution, resolution, generator=g) * 2 - 1).to(dev)
+    grade = torch.randint(0, cfg.model.num_classes, (batch,), generator=g).to(dev)
+
+    # FLOPs of one step with R1 (step 0) and one without (step 1), amortised over the R1 interval.
+    flops = []
+    for _ in range(2):
+        flops.append(count_flops(lambda: tr.train_step(real, grade)))
+    k = cfg.loss.r1_interval
+    flops_per_step = (flops[0] + (k - 1) * flops[1]) / k
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    for _ in range(2):  # warm-up (allocator, compile, cudnn autotune)
+        tr.train_step(real, grade)
+    _sync(dev)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        tr.train_step(real, grade)
+        _sync(dev)
+        times.append(time.perf_counter() - t)
+    # Mean over a whole number of R1 intervals would need >= 16 steps; the mean of the measured steps
+    # plus the amortised R1 share is reported instead when fewer are run.
+    step_s = statistics.mean(times)
+    mem = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else peak_rss_mib()
+    return {
+        "resolution": resolution,
+        "widths": widths,
+        "batch": batch,
+        "device": str(dev),
+        "params_G_M": sum(p.numel() for p in tr.G.parameters()) / 1e6,
+        "params_D_M": sum(p.numel() for p in tr.D.parameters()) / 1e6,
+        "step_ms": step_s * 1e3,
+        "images_per_s": batch / step_s,
+        "s_per_kimg": 1000.0 / (batch / step_s),
+        "gflop_per_image": flops_per_step / batch / 1e9,
+        "achieved_tflops": flops_per_step / step_s / 1e12,
+        "peak_mem_mib": mem,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--resolutions", default=None, help="comma separated (default 64,128,256)")
+    ap.add_argument("--widths", default=None, help="cpu, paper or cpu,paper (default: both)")
+    ap.add_argument("--batch", type=int, default=None, help="default 16 on CPU, 32 on CUDA")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"])
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    batch = args.batch or (32 if device.type == "cuda" else 16)
+    resolutions = [int(r) for r in (args.resolutions or "64,128,256").split(",")]
+    widths = (args.widths or "cpu,paper").split(",")
+    peak_dtype = torch.bfloat16 if (device.type == "cuda" and args.amp != "off") else torch.float32
+    peak = matmul_peak(device, peak_dtype)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; measured dense matmul peak ({peak_dtype}): {peak / 1e12:.3f} TFLOP/s")
+    print(f"{'res':>4} {'widths':>6} {'batch':>5} {'G M':>6} {'D M':>6} {'ms/step':>9} {'img/s':>8} "
+          f"{'s/kimg':>8} {'GFLOP/img':>9} {'TFLOP/s':>8} {'% peak':>7} {'peak MiB':>9}")
+    for w in widths:
+        for res in resolutions:
+            r = bench(res, w, batch, args.steps, args.device, args.amp, args.compile)
+            print(f"{r['resolution']:>4} {w:>6} {r['batch']:>5} {r['params_G_M']:>6.2f} {r['params_D_M']:>6.2f} "
+                  f"{r['step_ms']:>9.1f} {r['images_per_s']:>8.1f} {r['s_per_kimg']:>8.1f} {r['gflop_per_image']:>9.3f} "
+                  f"{r['achieved_tflops']:>8.3f} {100 * r['achieved_tflops'] * 1e12 / peak:>6.1f}% {r['peak_mem_mib']:>9.0f}",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,672 @@
+"""The MSI training loop: ``min_{G,Q} max_D V(D, G) - beta * L_info`` (paper Eq. 4).
+
+One step = a discriminator phase (logistic loss on reals and fakes, the Q head learning to recover
+the codes of fakes, lazy R1 on reals every ``r1_interval`` steps) then a generator phase
+(non-saturating loss + beta * (-log Q(c | G(z', c)))), then the generator EMA update.
+
+Everything random comes from explicit generators whose state is checkpointed (latents, noise, data
+order), so ``--resume`` continues exactly: N steps straight and N/2 + resume + N/2 give the same
+weights on the same device.
+
+Multi-GPU / multi-node: launch with ``torchrun``; each process takes a slice of every global batch,
+and gradients are averaged with one ``all_reduce`` per phase (torch.distributed, NCCL on GPU, gloo on
+CPU) - the scheme of NVlabs' StyleGAN2-ADA, which avoids DistributedDataParallel's trouble with
+alternating G/D phases and parameters that only some phases use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from retinagen.config import RunConfig, config_from_json
+from retinagen.errors import CheckpointError, RetinagenError
+from retinagen.fileio import atomic_write_json, atomic_write_text
+from retinagen.latent import LatentSpec
+from retinagen.networks.build import build_d, build_g, latent_spec, num_classes
+from retinagen.progress import progress_bar
+from retinagen.training import losses
+from retinagen.training.checkpoint import (
+    config_mismatch,
+    flatten_optimizer,
+    latest_valid_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    unflatten_optimizer,
+)
+from retinagen.training.ema import ema_beta, update_ema
+
+# Config sections that must match between a checkpoint and the run resuming it.
+ARCH_SECTIONS = ("model", "latent")
+RESUME_SECTIONS = ("model", "latent", "loss", "optim", "data")
+
+
+# --------------------------------------------------------------------------------------------------
+# Distributed helpers
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_kind: str) -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); a no-op otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _allreduce_grads(module: nn.Module, world: int) -> None:
+    """Average gradients over processes with one flat all_reduce (no-op on one process)."""
+    if world <= 1:
+        return
+    params = [p for p in module.parameters() if p.grad is not None]
+    if not params:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset : offset + n].reshape(p.grad.shape))
+        offset += n
+
+
+def _broadcast_module(module: nn.Module, world: int) -> None:
+    if world <= 1:
+        return
+    for t in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(t.data, src=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Deterministic, resumable data order
+
+
+class StreamSampler(torch.utils.data.Sampler[int]):
+    """An endless, seeded stream of dataset indices, startable at any position.
+
+    The global stream is the concatenation of permutations ``perm(seed, epoch)``; every global batch
+    of ``batch`` images is cut into ``world`` equal slices, and this process yields its slice. Given
+    the number of global images already consumed it resumes exactly where a previous run stopped.
+    """
+
+    def __init__(self, n: int, seed: int, batch: int, rank: int, world: int, start: int = 0) -> None:
+        if n <= 0:
+            raise RetinagenError("the training set is empty")
+        self.n, self.seed, self.batch, self.rank, self.world, self.start = n, seed, batch, rank, world, start
+        self.local = batch // world
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def __iter__(self) -> Iterator[int]:
+        pos = self.start
+        cached_epoch, perm = -1, np.empty(0, dtype=np.int64)
+        while True:
+            base = pos + self.rank * self.local
+            for q in range(base, base + self.local):
+                epoch = q // self.n
+                if epoch != cached_epoch:
+                    cached_epoch, perm = epoch, self._perm(epoch)
+                yield int(perm[q % self.n])
+            pos += self.batch
+
+    def __len__(self) -> int:  # pragma: no cover - endless; DataLoader only needs it for len()
+        return 2**62
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+
+
+def resolve_training_data(cfg: RunConfig, run_dir: Path, d: Dist) -> Path:
+    """The prepared ZIP to train on; for the built-in synthetic data it is made on first use."""
+    if cfg.data.path is not None:
+        path = Path(cfg.data.path)
+        if path.is_dir() and cfg.data.dataset == "synthfundus":
+            return _prepare_synth(path, run_dir / "data", cfg, d, synthesize=False)
+        if not path.is_file():
+            raise RetinagenError(f"--data {path}: not found (expected a ZIP written by `retinagen prepare`)")
+        return path
+    if cfg.data.dataset != "synthfundus":
+        raise RetinagenError(
+            f"--dataset {cfg.data.dataset} needs --data DS.zip: run `retinagen prepare --dataset {cfg.data.dataset} "
+            "--data-root DIR --resolution R --out DS.zip` first"
+        )
+    return _prepare_synth(run_dir / "data" / "synthfundus", run_dir / "data", cfg, d, synthesize=True)
+
+
+def _prepare_synth(src: Path, data_dir: Path, cfg: RunConfig, d: Dist, synthesize: bool) -> Path:
+    res = cfg.model.resolution
+    zip_path = data_dir / f"synthfundus-n{cfg.data.synth_n}-s{cfg.data.synth_seed}-r{res}.zip"
+    if d.main and not zip_path.is_file():
+        from retinagen.data.prepare import prepare_dataset
+        from retinagen.data.synthetic import write_synth_dataset
+
+        if synthesize and not (src / "trainLabels.csv").is_file():
+            write_synth_dataset(src, n=cfg.data.synth_n, resolution=res, seed=cfg.data.synth_seed)
+        prepare_dataset("eyepacs", src, res, zip_path)
+    if d.world > 1:
+        dist.barrier()
+    return zip_path
+
+
+# --------------------------------------------------------------------------------------------------
+# Images
+
+
+def save_image_grid(images: torch.Tensor, path: Path, cols: int) -> None:
+    """Save ``images`` [N, 3, H, W] in [-1, 1] as one PNG grid, ``cols`` images per row (atomic)."""
+    from PIL import Image
+
+    from retinagen.fileio import atomic_path
+
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [N, 3, H, W], got {tuple(images.shape)}")
+    n, _, h, w = images.shape
+    rows = math.ceil(n / cols)
+    grid = torch.zeros(3, rows * h, cols * w)
+    for i, img in enumerate(images.detach().float().cpu()):
+        r, c = divmod(i, cols)
+        grid[:, r * h : (r + 1) * h, c * w : (c + 1) * w] = img
+    arr = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class TrainSummary:
+    run_dir: Path
+    steps: int
+    images_seen: int
+    elapsed_s: float
+    images_per_s: float
+    last_checkpoint: Path | None
+    stopped_early: bool
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop saves a snapshot at the end of the step and exits."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        if threading_main():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.stop:  # a second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self.stop = True
+        print(f"\nsignal {signum}: saving a snapshot after this step, then stopping", file=sys.stderr)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def select_device(cfg: RunConfig, d: Dist) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RetinagenError("train.device is cuda but no CUDA GPU is available; use --preset cpu or device: auto")
+        return torch.device("cuda", d.local_rank)
+    return torch.device("cpu")
+
+
+def _count_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+class Trainer:
+    """Holds the networks, optimizers and state of one training run."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, *, progress: bool = True, log: bool = True) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.d = init_distributed("cuda" if (cfg.train.device != "cpu" and torch.cuda.is_available()) else "cpu")
+        self.device = select_device(cfg, self.d)
+        self.log = log and self.d.main
+        if cfg.train.batch_size % self.d.world:
+            raise RetinagenError(
+                f"train.batch_size {cfg.train.batch_size} is not divisible by the {self.d.world} processes"
+            )
+        self.spec: LatentSpec = latent_spec(cfg.latent)
+        self.num_classes = num_classes(cfg)
+        use_amp = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and self.device.type == "cuda")
+        self.amp_dtype = torch.bfloat16 if use_amp else None
+
+        torch.manual_seed(cfg.train.seed)  # parameter init: identical on every process
+        self.G = build_g(cfg).to(self.device)
+        self.D = build_d(cfg).to(self.device)
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        _broadcast_module(self.G, self.d.world)
+        _broadcast_module(self.D, self.d.world)
+        self.G_ema.load_state_dict(self.G.state_dict())
+
+        # Lazy regularisation (StyleGAN2): R1 runs every r1_interval steps, so D's Adam hyper-parameters
+        # are rescaled to keep the effective step the same.
+        o, k = cfg.optim, cfg.loss.r1_interval
+        mb = k / (k + 1) if cfg.loss.r1_gamma > 0 else 1.0
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2), eps=o.eps)
+        self.opt_D = torch.optim.Adam(
+            self.D.parameters(), lr=o.lr_d * mb, betas=(o.beta1**mb, o.beta2**mb), eps=o.eps
+        )
+        # Latents, noise and fake grades come from this generator (per process), data order from the sampler.
+        self.gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + 17 + self.d.rank)
+        # Per-layer noise is drawn on the training device (a CPU generator on CUDA would copy every
+        # noise tensor host-to-device); on the CPU the two generators are one.
+        if self.device.type == "cuda":
+            self.noise_gen = torch.Generator(device=self.device)
+            self.noise_gen.manual_seed(cfg.train.seed * 1_000_003 + 29 + self.d.rank)
+        else:
+            self.noise_gen = self.gen
+        self.step = 0
+        self.images_seen = 0
+        self.grade_probs: torch.Tensor | None = None
+        self.dataset_fingerprint: str | None = None
+
+        self._compiled_G: nn.Module = self.G
+        self._compiled_D: nn.Module = self.D
+        if cfg.train.compile:
+            self._compiled_G = torch.compile(self.G)  # type: ignore[assignment]
+            self._compiled_D = torch.compile(self.D)  # type: ignore[assignment]
+
+    # ---------------------------------------------------------------------------- checkpointing
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors: dict[str, torch.Tensor] = {}
+        for prefix, module in (("G", self.G), ("D", self.D), ("G_ema", self.G_ema)):
+            for k, v in module.state_dict().items():
+                tensors[f"{prefix}.{k}"] = v
+        tg, mg = flatten_optimizer("opt_G", self.opt_G.state_dict())
+        td, md = flatten_optimizer("opt_D", self.opt_D.state_dict())
+        tensors.update(tg)
+        tensors.update(td)
+        tensors["rng.latent"] = self.gen.get_state()
+        tensors["rng.torch_cpu"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+            tensors["rng.noise"] = self.noise_gen.get_state()
+        meta = {"opt_G": mg, "opt_D": md}
+        return tensors, meta
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "kind": "retinagen-msi",
+            "msi": self.cfg.msi_name,
+            "config": self.cfg.to_json_dict(),
+            "latent": self.spec.to_dict(),
+            "code_names": list(self.spec.code_names),
+            "code_kinds": list(self.spec.code_kinds),
+            "step": self.step,
+            "images_seen": self.images_seen,
+            "kimg": self.images_seen / 1000.0,
+            "world_size": self.d.world,
+            "dataset_fingerprint": self.dataset_fingerprint,
+            "grade_probs": None if self.grade_probs is None else [float(x) for x in self.grade_probs],
+            "num_params": {"G": _count_params(self.G), "D": _count_params(self.D)},
+        }
+
+    def save(self) -> Path:
+        tensors, opt_meta = self.state_tensors()
+        meta = self.meta()
+        meta.update(opt_meta)
+        ck_dir = self.run_dir / "checkpoints"
+        path = save_checkpoint(ck_dir / f"ckpt-{self.step:06d}", tensors, meta)
+        # Keep the newest snapshots only; never delete the one just written.
+        keep = self.cfg.train.keep_checkpoints
+        for old in list_checkpoints(ck_dir)[:-keep]:
+            old.with_suffix(".safetensors").unlink(missing_ok=True)
+            old.unlink(missing_ok=True)
+        return path
+
+    def restore(self, meta_path: Path) -> None:
+        ck = load_checkpoint(meta_path)
+        diffs = config_mismatch(ck.meta.get("config", {}), self.cfg.to_json_dict(), RESUME_SECTIONS)
+        if diffs:
+            raise CheckpointError(
+                f"{meta_path}: checkpoint does not match this config:\n  " + "\n  ".join(diffs)
+            )
+        try:
+            self.G.load_state_dict(ck.module_state("G"))
+            self.D.load_state_dict(ck.module_state("D"))
+            self.G_ema.load_state_dict(ck.module_state("G_ema"))
+            self.opt_G.load_state_dict(unflatten_optimizer("opt_G", ck.tensors, ck.meta["opt_G"]))
+            self.opt_D.load_state_dict(unflatten_optimizer("opt_D", ck.tensors, ck.meta["opt_D"]))
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"{meta_path}: tensors do not fit the networks of this config ({exc})") from None
+        if int(ck.meta.get("world_size", 1)) != self.d.world:
+            raise CheckpointError(
+                f"{meta_path}: written by {ck.meta.get('world_size')} processes; resume with the same number "
+                f"(now {self.d.world}) for an exact continuation"
+            )
+        self.gen.set_state(ck.tensors["rng.latent"])
+        torch.set_rng_state(ck.tensors["rng.torch_cpu"])
+        if self.device.type == "cuda" and "rng.cuda" in ck.tensors:
+            torch.cuda.set_rng_state(ck.tensors["rng.cuda"], self.device)
+            if "rng.noise" in ck.tensors:
+                self.noise_gen.set_state(ck.tensors["rng.noise"])
+        self.step = int(ck.meta["step"])
+        self.images_seen = int(ck.meta["images_seen"])
+        if ck.meta.get("dataset_fingerprint") and self.dataset_fingerprint not in (None, ck.meta["dataset_fingerprint"]):
+            raise CheckpointError(f"{meta_path}: the training data changed since this checkpoint was written")
+
+    # ---------------------------------------------------------------------------- sampling
+    def _sample_grades(self, n: int) -> torch.Tensor | None:
+        if self.num_classes == 0 or self.grade_probs is None:
+            return None
+        return torch.multinomial(self.grade_probs, n, replacement=True, generator=self.gen).to(self.device)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _run_G(self, sample: Any, grade: torch.Tensor | None) -> torch.Tensor:
+        return self._compiled_G(
+            sample.z_noise, sample.code(), grade, noise_mode="random", noise_generator=self.noise_gen
+        )
+
+    # ---------------------------------------------------------------------------- one step
+    def train_step(self, real: torch.Tensor, real_grade: torch.Tensor | None) -> dict[str, float]:
+        cfg = self.cfg
+        beta = cfg.loss.beta
+        n = real.shape[0]
+        stats: dict[str, float] = {}
+
+        # --- D phase: max V (logistic), Q (sharing D's trunk) learns to recover the codes of fakes.
+        self.G.requires_grad_(False)
+        self.D.requires_grad_(True)
+        sample = self.spec.sample(n, self.gen, self.device)
+        fake_grade = self._sample_grades(n)
+        with torch.no_grad(), self._autocast():
+            fake = self._run_G(sample, fake_grade)
+        with self._autocast():
+            out_fake = self._compiled_D(fake.detach(), fake_grade)
+            out_real = self._compiled_D(real, real_grade)
+        loss_d = losses.d_logistic_loss(out_real.logits.float(), out_fake.logits.float())
+        stats["loss/D"] = loss_d.item()
+        if beta > 0:
+            info_d = losses.info_terms(self.spec, out_fake.q_params.float(), sample)
+            loss_d = loss_d + beta * info_d.neg_log_q
+        if out_real.class_logits is not None and real_grade is not None:
+            ce = losses.grade_ce_loss(out_real.class_logits.float(), real_grade)
+            loss_d = loss_d + cfg.loss.grade_weight * ce
+            stats["loss/grade_ce"] = ce.item()
+        self.opt_D.zero_grad(set_to_none=True)
+        loss_d.backward()
+        _allreduce_grads(self.D, self.d.world)
+        self.opt_D.step()
+        stats["D/real_score"] = out_real.logits.float().mean().item()
+        stats["D/fake_score"] = out_fake.logits.float().mean().item()
+
+        # --- Lazy R1 on reals (fp32: second-order gradients in bf16 are too coarse).
+        if cfg.loss.r1_gamma > 0 and self.step % cfg.loss.r1_interval == 0:
+            real_r1 = real.detach().requires_grad_(True)
+            out_r1 = self.D(real_r1, real_grade)
+            penalty = losses.r1_penalty(real_r1, out_r1.logits)
+            loss_r1 = losses.r1_loss(penalty, cfg.loss.r1_gamma, cfg.loss.r1_interval)
+            self.opt_D.zero_grad(set_to_none=True)
+            # Touch the Q head so every D parameter has a gradient (keeps all_reduce shapes uniform).
+            (loss_r1 + 0.0 * out_r1.q_params.sum()).backward()
+            _allreduce_grads(self.D, self.d.world)
+            self.opt_D.step()
+            stats["loss/R1"] = penalty.mean().item()
+
+        # --- G phase: min -log D(G(z)) + beta * (-log Q(c | G(z', c))).
+        self.G.requires_grad_(True)
+        self.D.requires_grad_(False)
+        sample = self.spec.sample(n, self.gen, self.device)
+        fake_grade = self._sample_grades(n)
+        with self._autocast():
+            fake = self._run_G(sample, fake_grade)
+            out = self._compiled_D(fake, fake_grade)
+        loss_g = losses.g_nonsaturating_loss(out.logits.float())
+        stats["loss/G"] = loss_g.item()
+        info = losses.info_terms(self.spec, out.q_params.float(), sample)
+        if beta > 0:
+            loss_g = loss_g + beta * info.neg_log_q
+        if out.class_logits is not None and fake_grade is not None:
+            loss_g = loss_g + cfg.loss.grade_weight * losses.grade_ce_loss(out.class_logits.float(), fake_grade)
+        self.opt_G.zero_grad(set_to_none=True)
+        loss_g.backward()
+        _allreduce_grads(self.G, self.d.world)
+        self.opt_G.step()
+        self.D.requires_grad_(True)
+
+        stats["info/L_info"] = info.l_info.item()
+        stats["info/L_info_discrete"] = info.l_info_discrete.item()
+        stats["info/H_discrete"] = float(info.discrete_bound)
+
+        # --- EMA of G.
+        self.images_seen += n * self.d.world
+        beta_ema = ema_beta(cfg.train.batch_size, cfg.train.ema_kimg, self.images_seen, cfg.train.ema_rampup)
+        update_ema(self.G_ema, self.G, beta_ema)
+        self.step += 1
+        return stats
+
+    # ---------------------------------------------------------------------------- samples
+    def fixed_latents(self) -> tuple[Any, torch.Tensor | None]:
+        cols, rows = self.cfg.train.sample_grid
+        g = torch.Generator().manual_seed(12345)
+        sample = self.spec.sample(cols * rows, g, self.device)
+        grade = None
+        if self.num_classes:
+            grade = torch.arange(rows).repeat_interleave(cols).remainder(self.num_classes).to(self.device)
+        return sample, grade
+
+    @torch.no_grad()
+    def save_samples(self) -> Path:
+        sample, grade = self.fixed_latents()
+        imgs = self.G_ema(sample.z_noise, sample.code(), grade, noise_mode="const")
+        path = self.run_dir / "samples" / f"fakes-{self.step:06d}.png"
+        save_image_grid(imgs, path, cols=self.cfg.train.sample_grid[0])
+        return path
+
+
+def _read_metrics(path: Path, upto_step: int) -> list[str]:
+    if not path.is_file():
+        return []
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= upto_step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill: dropped
+    return keep
+
+
+def train(
+    cfg: RunConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    max_steps: int | None = None,
+) -> TrainSummary:
+    """Train (or resume) a run in ``run_dir``; returns when ``cfg.train.kimg`` images have been shown.
+
+    ``max_steps`` stops early after that many steps in total (tests use it to cut a run in half).
+    """
+    from retinagen.data.dataset import ZipImageDataset
+
+    run_dir = Path(run_dir)
+    trainer = Trainer(cfg, run_dir, progress=progress)
+    d = trainer.d
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "config.json", cfg.to_json_dict())
+    print(
+        f"retinagen train: {cfg.msi_name} on {cfg.data.dataset} at {cfg.model.resolution} px, device {trainer.device}"
+        f"{' (bf16 autocast)' if trainer.amp_dtype else ''}, {d.world} process(es), "
+        f"G {_count_params(trainer.G) / 1e6:.2f} M / D {_count_params(trainer.D) / 1e6:.2f} M params",
+        file=sys.stderr,
+    )
+
+    zip_path = resolve_training_data(cfg, run_dir, d)
+    dataset = ZipImageDataset(zip_path, split=None if cfg.data.split == "all" else "train")
+    if dataset.resolution != cfg.model.resolution:
+        raise RetinagenError(
+            f"{zip_path}: images are {dataset.resolution} px but model.resolution is {cfg.model.resolution}; "
+            f"prepare the data at {cfg.model.resolution} px or change the resolution"
+        )
+    trainer.dataset_fingerprint = dataset.fingerprint()
+    if trainer.num_classes:
+        labels = np.asarray(dataset.labels)
+        if labels.size == 0 or (labels < 0).any():
+            raise RetinagenError(f"{zip_path}: model.conditional is true but the dataset has unlabelled images")
+        if labels.max() >= trainer.num_classes:
+            raise RetinagenError(f"{zip_path}: label {labels.max()} >= model.num_classes {trainer.num_classes}")
+        counts = np.bincount(labels, minlength=trainer.num_classes).astype(np.float64)
+        trainer.grade_probs = torch.tensor(counts / counts.sum(), dtype=torch.float64)
+
+    if resume:
+        latest = latest_valid_checkpoint(run_dir / "checkpoints")
+        if latest is None:
+            raise CheckpointError(f"{run_dir}: no complete checkpoint to resume from")
+        trainer.restore(latest)
+        print(f"resumed from {latest.name} at step {trainer.step} ({trainer.images_seen / 1000:.3f} kimg)", file=sys.stderr)
+    metrics_path = run_dir / "metrics.jsonl"
+    if d.main:
+        # Drop log lines written after the snapshot we resumed from, so the curves have no duplicates.
+        kept = _read_metrics(metrics_path, trainer.step)
+        atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
+
+    per_rank = cfg.train.batch_size // d.world
+    sampler = StreamSampler(len(dataset), cfg.train.seed, cfg.train.batch_size, d.rank, d.world, start=trainer.images_seen)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=per_rank,
+        sampler=sampler,
+        num_workers=cfg.train.workers,
+        pin_memory=trainer.device.type == "cuda",
+        drop_last=True,
+        persistent_workers=cfg.train.workers > 0,
+    )
+    total_images = int(round(cfg.train.kimg * 1000))
+    writer = None
+    if d.main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=trainer.step)
+        if not (run_dir / "samples" / "reals.png").is_file():
+            cols, rows = cfg.train.sample_grid
+            reals = torch.stack([dataset[i][0] for i in range(min(len(dataset), cols * rows))])
+            save_image_grid(reals, run_dir / "samples" / "reals.png", cols=cols)
+
+    snapshot_every = max(1, int(round(cfg.train.snapshot_kimg * 1000)))
+    sample_every = max(1, int(round(cfg.train.sample_kimg * 1000)))
+    next_snapshot = (trainer.images_seen // snapshot_every + 1) * snapshot_every
+    next_sample = (trainer.images_seen // sample_every + 1) * sample_every
+    last_ck: Path | None = None
+    t0 = time.perf_counter()
+    start_images = trainer.images_seen
+    window_t, window_imgs = t0, trainer.images_seen
+    stopped = False
+    data_iter = iter(loader)
+    with _StopFlag() as flag, progress_bar(total_images, "train", unit="img", enabled=progress and d.main) as bar:
+        bar.advance(trainer.images_seen)
+        while trainer.images_seen < total_images:
+            if max_steps is not None and trainer.step >= max_steps:
+                stopped = True
+                break
+            real, label = next(data_iter)
+            real = real.to(trainer.device, non_blocking=True)
+            real_grade = label.to(trainer.device) if trainer.num_classes else None
+            stats = trainer.train_step(real, real_grade)
+            bar.advance(cfg.train.batch_size)
+            if d.main and (trainer.step % cfg.train.log_every_steps == 0 or trainer.images_seen >= total_images):
+                now = time.perf_counter()
+                rate = (trainer.images_seen - window_imgs) / max(now - window_t, 1e-9)
+                window_t, window_imgs = now, trainer.images_seen
+                record = {"step": trainer.step, "kimg": trainer.images_seen / 1000.0, "images_per_s": rate, **stats}
+                with open(metrics_path, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                if writer is not None:
+                    for k, v in record.items():
+                        if k != "step":
+                            writer.add_scalar(k, v, trainer.step)
+                bar.set_description(
+                    f"train kimg {trainer.images_seen / 1000:.2f} | G {stats['loss/G']:.2f} D {stats['loss/D']:.2f} "
+                    f"L_info {stats['info/L_info_discrete']:.2f}/{stats['info/H_discrete']:.2f}"
+                )
+            done = trainer.images_seen >= total_images
+            if d.main and (trainer.images_seen >= next_sample or done):
+                trainer.save_samples()
+                next_sample = (trainer.images_seen // sample_every + 1) * sample_every
+            if trainer.images_seen >= next_snapshot or done or flag.stop:
+                if d.main:
+                    last_ck = trainer.save()
+                next_snapshot = (trainer.images_seen // snapshot_every + 1) * snapshot_every
+            if flag.stop:
+                stopped = True
+                break
+    if stopped and d.main and (last_ck is None or int(last_ck.stem.split("-")[1]) != trainer.step):
+        last_ck = trainer.save()
+    if writer is not None:
+        writer.close()
+    elapsed = time.perf_counter() - t0
+    shown = trainer.images_seen - start_images
+    summary = TrainSummary(
+        run_dir=run_dir,
+        steps=trainer.step,
+        images_seen=trainer.images_seen,
+        elapsed_s=elapsed,
+        images_per_s=shown / max(elapsed, 1e-9),
+        last_checkpoint=last_ck,
+        stopped_early=stopped,
+    )
+    if d.world > 1:
+        dist.barrier()
+    return summary
+
+
+def load_run_config_from_dir(run_dir: Path) -> RunConfig:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise RetinagenError(f"{run_dir}: not a run folder (no config.json)")
+    return config_from_json(path.read_text(encoding="utf-8"), str(path))
