@@ -84,6 +84,9 @@ class ModelConfig(_Strict):
     resolution: int = 64
     w_dim: int = Field(512, ge=8, le=2048)
     mapping_layers: int = Field(8, ge=1, le=16)
+    # StyleGAN's 0.01 slows the mapping network 100x; short CPU runs need it faster for the codes to
+    # reach the image at all (the paper's Figure 10 notes InfoStyleGAN's L_info rises only gradually).
+    mapping_lr_multiplier: float = Field(0.01, gt=0.0, le=1.0)
     g_channel_base: int = Field(16384, ge=16)
     g_channel_max: int = Field(512, ge=4)
     d_channel_base: int = Field(16384, ge=16)

@@ -62,7 +62,7 @@ def progress_bar(total: float | None, description: str, unit: str = "img", enabl
     columns = [
         SpinnerColumn(),
         TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
+        BarColumn(bar_width=20),
         MofNCompleteColumn(),
         RateColumn(unit),
         TimeElapsedColumn(),

@@ -36,6 +36,7 @@ def build_g(cfg: RunConfig) -> nn.Module:
         channel_base=m.g_channel_base,
         channel_max=m.g_channel_max,
         num_classes=num_classes(cfg),
+        mapping_lr_multiplier=m.mapping_lr_multiplier,
     )
 
 

@@ -631,8 +631,8 @@ def train(
                         if k != "step":
                             writer.add_scalar(k, v, trainer.step)
                 bar.set_description(
-                    f"train kimg {trainer.images_seen / 1000:.2f} | G {stats['loss/G']:.2f} D {stats['loss/D']:.2f} "
-                    f"L_info {stats['info/L_info_discrete']:.2f}/{stats['info/H_discrete']:.2f}"
+                    f"G {stats['loss/G']:.2f} D {stats['loss/D']:.2f} "
+                    f"Linfo {stats['info/L_info_discrete']:.1f}/{stats['info/H_discrete']:.1f}"
                 )
             done = trainer.images_seen >= total_images
             if d.main and (trainer.images_seen >= next_sample or done):
