@@ -56,7 +56,7 @@ def test_layer_order_preset_then_config_then_flags(tmp_path: Path) -> None:
     user = tmp_path / "user.yaml"
     user.write_text("train:\n  batch_size: 7\n  kimg: 3\n")
     cfg = load_run_config("eyepacs", preset="cpu", config=user, overrides=parse_overrides(["train.kimg=5"]))
-    assert cfg.model.resolution == 64  # preset overrides the dataset's 512
+    assert cfg.model.resolution == 32  # preset overrides the dataset's 512
     assert cfg.train.batch_size == 7  # --config overrides the preset
     assert cfg.train.kimg == 5  # flags override everything
 
