@@ -14,6 +14,7 @@ Constructors take plain keyword arguments so a typed config can build them (`bui
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -81,11 +82,67 @@ def check_grade(grade: torch.Tensor | None, n: int, num_classes: int, who: str, 
         )
 
 
+CODE_INPUTS = ("balanced", "raw")
+
+
+def standardize_code(code: torch.Tensor, latent: LatentSpec) -> torch.Tensor:
+    """Code C [N, code_dim] in the `LatentSample.code` layout -> zero-mean, unit-variance features [N, code_dim].
+
+    Under the prior every column gets mean 0 and variance 1: a one-hot block of k classes becomes
+    (onehot - 1/k) * k / sqrt(k - 1), a Bernoulli bit b becomes 2b - 1, a uniform value u becomes
+    sqrt(3) u. The maps are affine, so interpolated or extrapolated values (traversals) stay ordered.
+    """
+    if code.ndim != 2 or code.shape[1] != latent.code_dim:
+        raise ValueError(f"code must be [N, {latent.code_dim}], got {tuple(code.shape)}")
+    parts: list[torch.Tensor] = []
+    start = 0
+    for k in latent.categorical:
+        parts.append((code[:, start : start + k] - 1.0 / k) * (k / math.sqrt(k - 1)))
+        start += k
+    nb = latent.n_bernoulli
+    parts.append(code[:, start : start + nb] * 2.0 - 1.0)
+    parts.append(code[:, start + nb :] * math.sqrt(3.0))
+    return torch.cat(parts, dim=1)
+
+
+def balanced_input(
+    z_noise: torch.Tensor, code: torch.Tensor, latent: LatentSpec, noise_scale: float = 1.0
+) -> torch.Tensor:
+    """The ``code_input="balanced"`` latent input [N, z_dim] from Z' [N, noise_dim] and C [N, code_dim].
+
+    Z' is normalised to unit second moment (per sample, as StyleGAN does with z) and the codes are
+    standardised (`standardize_code`) and scaled so that both blocks carry the same expected energy,
+    much as StyleGAN2-ADA concatenates a separately normalised class embedding to z. The code block is
+    not normalised per sample (that would erase the overall magnitude of the uniform codes). A constant
+    brings the whole to unit expected second moment; ``noise_scale`` then multiplies the noise block
+    (truncation of the direct generator).
+
+    Why (the alternative, ``code_input="raw"``, is concat(Z', C) with 0/1 bits and one-hot blocks): with
+    108 unit-variance noise dims the 20 codes carry ~5 % of the input variance and the 10 discrete ones ~2 %
+    (0.25 per bit, 0.22 per one-hot column), so at initialisation the codes barely move the image, Q cannot pick them out of the
+    noise-driven variation and L_info stays at 0 for hundreds of steps; with Adam's ~lr-sized relative
+    steps on equalized-lr weights G needs thousands of steps to amplify them (measured; see the tests).
+    """
+    nd, cd = latent.noise_dim, latent.code_dim
+    # After scaling each block has expected energy nd; 2 nd over z_dim columns -> unit mean square.
+    scale = math.sqrt(latent.z_dim / (2.0 * nd))
+    noise = normalize_2nd_moment(z_noise) * (scale * noise_scale)
+    c = standardize_code(code.to(z_noise.dtype), latent) * (math.sqrt(nd / cd) * scale)
+    return torch.cat([noise, c], dim=1)
+
+
+def check_code_input(code_input: str) -> str:
+    if code_input not in CODE_INPUTS:
+        raise ValueError(f"code_input must be one of {CODE_INPUTS}, got {code_input!r}")
+    return code_input
+
+
 # ------------------------------------------------------------------------------------------ mapping
 class MappingNetwork(nn.Module):
     """z [N, z_dim] (+ grade [N]) -> w [N, w_dim] through ``num_layers`` equalized-lr FC layers.
 
-    z is normalised to unit second moment; with ``num_classes > 0`` a learned grade embedding (also
+    z is normalised to unit second moment (unless ``normalize_input=False``: the caller already scaled it,
+    see `balanced_input`); with ``num_classes > 0`` a learned grade embedding (also
     normalised) is concatenated to it (DR-grade conditioning in the mapping network, as StyleGAN2-ADA).
     ``w_avg`` tracks an EMA of w (and ``w_avg_class`` one per grade) for the truncation trick; it is updated
     in training mode, or whenever ``update_w_avg=True``.
@@ -100,6 +157,7 @@ class MappingNetwork(nn.Module):
         embed_dim: int | None = None,
         lr_multiplier: float = 0.01,
         w_avg_beta: float = 0.995,
+        normalize_input: bool = True,
     ) -> None:
         super().__init__()
         if z_dim < 1 or w_dim < 1 or num_layers < 1 or num_classes < 0:
@@ -108,6 +166,7 @@ class MappingNetwork(nn.Module):
         self.w_dim = w_dim
         self.num_classes = num_classes
         self.w_avg_beta = w_avg_beta
+        self.normalize_input = normalize_input
         in_dim = z_dim
         if num_classes > 0:
             self.embed_dim = embed_dim or w_dim
@@ -139,7 +198,7 @@ class MappingNetwork(nn.Module):
         if z.ndim != 2 or z.shape[1] != self.z_dim:
             raise ValueError(f"MappingNetwork expects z [N, {self.z_dim}], got {tuple(z.shape)}")
         check_grade(grade, z.shape[0], self.num_classes, "MappingNetwork", required=True)
-        x = normalize_2nd_moment(z)
+        x = normalize_2nd_moment(z) if self.normalize_input else z
         onehot = None
         if self.embed is not None and grade is not None:
             onehot = F.one_hot(grade.long(), self.num_classes).to(x.dtype)
@@ -323,6 +382,8 @@ class StyleGenerator(_GeneratorBase):
         num_classes: number of DR grades to condition on (0 = unconditional).
         embed_dim: grade-embedding width (default w_dim).
         mapping_lr_multiplier: equalized-lr multiplier of the mapping network (StyleGAN: 0.01).
+        code_input: how (Z', C) enter the mapping network: "balanced" (default; standardised codes with
+            the same energy as the noise, see `balanced_input`) or "raw" (normalised concat(Z', C)).
     """
 
     def __init__(
@@ -336,9 +397,11 @@ class StyleGenerator(_GeneratorBase):
         num_classes: int = 0,
         embed_dim: int | None = None,
         mapping_lr_multiplier: float = 0.01,
+        code_input: str = "balanced",
     ) -> None:
         super().__init__()
         check_resolution(resolution)
+        self.code_input = check_code_input(code_input)
         self.latent = latent
         self.resolution = resolution
         self.num_classes = num_classes
@@ -350,6 +413,7 @@ class StyleGenerator(_GeneratorBase):
             num_classes=num_classes,
             embed_dim=embed_dim,
             lr_multiplier=mapping_lr_multiplier,
+            normalize_input=self.code_input == "raw",
         )
         self.synthesis = SynthesisNetwork(w_dim, resolution, channel_base, channel_max)
 
@@ -369,7 +433,10 @@ class StyleGenerator(_GeneratorBase):
         "random" with ``noise_generator`` makes the output a deterministic function of the inputs.
         """
         self._check_inputs(z_noise, code, grade)
-        z = torch.cat([z_noise, code.to(z_noise.dtype)], dim=1)
+        if self.code_input == "balanced":
+            z = balanced_input(z_noise, code, self.latent)
+        else:  # normalised by the mapping network
+            z = torch.cat([z_noise, code.to(z_noise.dtype)], dim=1)
         w = self.mapping(z, grade, truncation_psi=truncation_psi)
         return self.synthesis(w, noise_mode=noise_mode, noise_generator=noise_generator)
 
@@ -381,7 +448,8 @@ class DirectGenerator(_GeneratorBase):
     summed over upsampled resolutions (the same skip output as `StyleGenerator`, same widths). No
     mapping network, no styles, no noise injection, so ``noise_mode``/``noise_generator`` have no effect
     (they are accepted for a common signature). ``truncation_psi`` scales Z' towards its mode 0; the
-    codes are left as given.
+    codes are left as given. ``code_input`` as for `StyleGenerator` ("raw" = concat(Z', C) unnormalised,
+    as in InfoGAN).
     """
 
     def __init__(
@@ -392,9 +460,11 @@ class DirectGenerator(_GeneratorBase):
         channel_max: int = 512,
         num_classes: int = 0,
         embed_dim: int | None = None,
+        code_input: str = "balanced",
     ) -> None:
         super().__init__()
         log2 = check_resolution(resolution)
+        self.code_input = check_code_input(code_input)
         self.latent = latent
         self.resolution = resolution
         self.num_classes = num_classes
@@ -443,9 +513,12 @@ class DirectGenerator(_GeneratorBase):
         self._check_inputs(z_noise, code, grade)
         if noise_mode not in NOISE_MODES:
             raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
-        # Raw (Z', C) as in InfoGAN: Z' is already unit-variance; normalising the concatenation would undo
-        # the truncation scaling.
-        parts = [z_noise * truncation_psi, code.to(z_noise.dtype)]
+        if self.code_input == "balanced":
+            parts = [balanced_input(z_noise, code, self.latent, noise_scale=truncation_psi)]
+        else:
+            # Raw (Z', C) as in InfoGAN: Z' is already unit-variance; normalising the concatenation would
+            # undo the truncation scaling.
+            parts = [z_noise * truncation_psi, code.to(z_noise.dtype)]
         if self.embed is not None and grade is not None:
             parts.append(
                 normalize_2nd_moment(self.embed(F.one_hot(grade.long(), self.num_classes).to(z_noise.dtype)))

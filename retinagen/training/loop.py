@@ -414,6 +414,9 @@ class Trainer:
     def train_step(self, real: torch.Tensor, real_grade: torch.Tensor | None) -> dict[str, float]:
         cfg = self.cfg
         beta = cfg.loss.beta
+        # Weight of the uniform codes' log Q in the info loss (InfoGAN's smaller lambda for continuous
+        # codes; see losses.info_terms). Read defensively: older configs have no such key.
+        cont_w = float(getattr(cfg.loss, "info_continuous_weight", 1.0))
         n = real.shape[0]
         stats: dict[str, float] = {}
 
@@ -430,7 +433,7 @@ class Trainer:
         loss_d = losses.d_logistic_loss(out_real.logits.float(), out_fake.logits.float())
         stats["loss/D"] = loss_d.item()
         if beta > 0:
-            info_d = losses.info_terms(self.spec, out_fake.q_params.float(), sample)
+            info_d = losses.info_terms(self.spec, out_fake.q_params.float(), sample, cont_w)
             loss_d = loss_d + beta * info_d.neg_log_q
         if out_real.class_logits is not None and real_grade is not None:
             ce = losses.grade_ce_loss(out_real.class_logits.float(), real_grade)
@@ -466,7 +469,7 @@ class Trainer:
             out = self._compiled_D(fake, fake_grade)
         loss_g = losses.g_nonsaturating_loss(out.logits.float())
         stats["loss/G"] = loss_g.item()
-        info = losses.info_terms(self.spec, out.q_params.float(), sample)
+        info = losses.info_terms(self.spec, out.q_params.float(), sample, cont_w)
         if beta > 0:
             loss_g = loss_g + beta * info.neg_log_q
         if out.class_logits is not None and fake_grade is not None:

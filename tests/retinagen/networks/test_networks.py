@@ -8,14 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from retinagen.latent import LatentSpec
+from retinagen.latent import LatentSample, LatentSpec
 from retinagen.networks.discriminator import Discriminator
 from retinagen.networks.generator import (
     DirectGenerator,
     MappingNetwork,
     StyleGenerator,
+    balanced_input,
     build_generator,
     channels_at,
+    standardize_code,
 )
 from retinagen.networks.layers import (
     Downsample2d,
@@ -382,3 +384,83 @@ def test_modulated_conv_fused_and_unfused_agree() -> None:
         b = modulated_conv2d(x, w, s, demodulate=demod, fused=False)
         assert a.shape == b.shape == (5, 4, 9, 9)
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------ how the codes enter G
+PAPER_LIKE = LatentSpec(z_dim=128, categorical=(3,), n_bernoulli=7, n_uniform=10)  # the cpu preset's latent
+
+
+def test_standardize_code_is_zero_mean_unit_variance_and_affine() -> None:
+    s = PAPER_LIKE.sample(20000, _gen(3))
+    x = standardize_code(s.code(), PAPER_LIKE)
+    assert x.shape == (20000, PAPER_LIKE.code_dim)
+    assert torch.allclose(x.mean(0), torch.zeros(PAPER_LIKE.code_dim), atol=0.03)
+    assert torch.allclose(x.var(0), torch.ones(PAPER_LIKE.code_dim), atol=0.05)
+    # Known values: bits 0/1 -> -1/+1, one-hot of 3 -> (onehot - 1/3) * 3 / sqrt(2), u -> sqrt(3) u.
+    one = PAPER_LIKE.from_values(
+        torch.zeros(1, PAPER_LIKE.noise_dim), torch.tensor([[1.0] + [0, 1] * 3 + [1] + [0.5] * 10])
+    )
+    y = standardize_code(one.code(), PAPER_LIKE)[0]
+    k = 3
+    assert torch.allclose(y[:3], (torch.tensor([0.0, 1.0, 0.0]) - 1 / k) * k / math.sqrt(k - 1))
+    assert torch.equal(y[3:10], torch.tensor([-1.0, 1, -1, 1, -1, 1, 1]))
+    assert torch.allclose(y[10:], torch.full((10,), 0.5 * math.sqrt(3.0)))
+    with pytest.raises(ValueError):
+        standardize_code(s.code()[:, :-1], PAPER_LIKE)
+
+
+def test_balanced_input_gives_the_codes_as_much_energy_as_the_noise() -> None:
+    # Root cause of "L_info stays at 0": with the raw concat(Z', C) the codes carried ~5 % of the input
+    # variance (the discrete ones ~2 %: 0/1 bits and one-hot columns next to 108 unit-variance noise dims).
+    s = PAPER_LIKE.sample(4096, _gen(4))
+    nd = PAPER_LIKE.noise_dim
+    x = balanced_input(s.z_noise, s.code(), PAPER_LIKE)
+    assert x.shape == (4096, PAPER_LIKE.z_dim)
+    assert float(x.square().mean()) == pytest.approx(1.0, rel=0.02)
+    var = x.var(0)
+    share = float(var[nd:].sum() / var.sum())
+    assert share == pytest.approx(0.5, abs=0.02)
+    raw = F.normalize(torch.cat([s.z_noise, s.code()], 1), dim=1)
+    raw_var = raw.var(0)
+    assert float(raw_var[nd:].sum() / raw_var.sum()) < 0.06
+    assert float(raw_var[nd : nd + 10].sum() / raw_var.sum()) < 0.025
+    # noise_scale (direct-G truncation) scales the noise block only.
+    x0 = balanced_input(s.z_noise, s.code(), PAPER_LIKE, noise_scale=0.0)
+    assert torch.equal(x0[:, :nd], torch.zeros_like(x0[:, :nd])) and torch.allclose(x0[:, nd:], x[:, nd:])
+
+
+@pytest.mark.parametrize("style", [True, False])
+@torch.no_grad()
+def test_a_code_moves_the_image_about_as_much_as_the_noise(style: bool) -> None:
+    # At initialisation, flipping one Bernoulli code must change the image by a sizeable fraction of what
+    # redrawing Z' does; with code_input="raw" the ratio was ~0.1 (Q then cannot find the codes).
+    ratios = {}
+    for code_input in ("balanced", "raw"):
+        torch.manual_seed(0)
+        g = build_generator(
+            style, latent=PAPER_LIKE, resolution=8, w_dim=32, mapping_layers=2, code_input=code_input, **TINY
+        ).eval()
+        s = PAPER_LIKE.sample(64, _gen(6))
+        base = g.generate(s, noise_mode="const")
+        flip = PAPER_LIKE.with_code(s, "c1", 1 - s.bern[:, 0])
+        redraw = PAPER_LIKE.sample(64, _gen(7))
+        noise = LatentSample(PAPER_LIKE, redraw.z_noise, s.cat, s.bern, s.unif)
+        d_code = (g.generate(flip, noise_mode="const") - base).abs().mean()
+        d_noise = (g.generate(noise, noise_mode="const") - base).abs().mean()
+        ratios[code_input] = float(d_code / d_noise)
+    assert ratios["balanced"] > 0.25, ratios
+    assert ratios["raw"] < ratios["balanced"] / 2, ratios
+
+
+def test_code_input_raw_keeps_the_old_input_and_bad_values_are_rejected() -> None:
+    torch.manual_seed(0)
+    g = StyleGenerator(SPEC, 8, w_dim=16, mapping_layers=2, code_input="raw", **TINY).eval()
+    s = SPEC.sample(3, _gen(8))
+    w = g.mapping(torch.cat([s.z_noise, s.code()], 1))
+    expected = g.synthesis(w, noise_mode="const")
+    assert torch.allclose(g.generate(s, noise_mode="const"), expected)
+    for bad in ("", "scaled", "RAW"):
+        with pytest.raises(ValueError, match="code_input"):
+            StyleGenerator(SPEC, 8, code_input=bad)
+        with pytest.raises(ValueError, match="code_input"):
+            DirectGenerator(SPEC, 8, code_input=bad)

@@ -145,3 +145,57 @@ def test_grade_ce_loss() -> None:
     assert float(grade_ce_loss(logits, grade)) == pytest.approx(expected, rel=1e-6)
     with pytest.raises(ValueError):
         grade_ce_loss(logits, torch.tensor([0]))
+
+
+def test_info_terms_continuous_weight_scales_only_the_uniform_codes_in_the_loss() -> None:
+    spec = LatentSpec(z_dim=64, categorical=(3,), n_bernoulli=4, n_uniform=5)
+    s = spec.sample(32, torch.Generator().manual_seed(3))
+    q = torch.randn(32, spec.q_param_dim, generator=torch.Generator().manual_seed(4))
+    full, half, zero = (info_terms(spec, q, s, continuous_weight=w) for w in (1.0, 0.5, 0.0))
+    log_q = spec.log_q(q, s)
+    disc, unif = -log_q[:, :5].sum(1).mean(), -log_q[:, 5:].sum(1).mean()
+    assert float(full.neg_log_q) == pytest.approx(float(disc + unif), rel=1e-5)
+    assert float(half.neg_log_q) == pytest.approx(float(disc + 0.5 * unif), rel=1e-5)
+    assert float(zero.neg_log_q) == pytest.approx(float(disc), rel=1e-5)
+    # the reported L_info is the unweighted bound
+    assert torch.equal(half.l_info, full.l_info) and torch.equal(zero.per_code, full.per_code)
+    with pytest.raises(ValueError, match="continuous_weight"):
+        info_terms(spec, q, s, continuous_weight=-0.1)
+
+
+def _pure_info_run(code_input: str, continuous_weight: float, steps: int = 150) -> float:
+    """G (S=0) and D/Q at 16 px trained jointly on neg_log_q only; mean L_info_discrete of the last 20 steps."""
+    from retinagen.networks.discriminator import Discriminator
+    from retinagen.networks.generator import build_generator
+
+    spec = LatentSpec(z_dim=64, categorical=(3,), n_bernoulli=7, n_uniform=10)
+    torch.manual_seed(0)
+    tiny = {"channel_base": 256, "channel_max": 16}
+    g = build_generator(False, latent=spec, resolution=16, code_input=code_input, **tiny)
+    d = Discriminator(16, q_param_dim=spec.q_param_dim, **tiny)
+    opt = torch.optim.Adam([*g.parameters(), *d.parameters()], lr=5e-3, betas=(0.0, 0.99))
+    rng = torch.Generator().manual_seed(0)
+    hist = []
+    for _ in range(steps):
+        s = spec.sample(16, rng)
+        t = info_terms(spec, d(g.generate(s, noise_mode="const")).q_params, s, continuous_weight)
+        opt.zero_grad()
+        t.neg_log_q.backward()
+        opt.step()
+        hist.append(float(t.l_info_discrete.detach()))
+    return sum(hist[-20:]) / 20
+
+
+def test_pure_information_training_learns_the_discrete_codes() -> None:
+    # Regression test for "L_info_discrete stays at 0": an autoencoder-like objective must be learnt in
+    # tens of steps. Measured: 2.3 nats with the balanced code input and continuous weight 0.1; with the
+    # raw concat(Z', C) input and the unweighted loss (the old behaviour) 0.02 nats.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions: one thread is fastest and immune to a busy machine
+    try:
+        learnt = _pure_info_run("balanced", 0.1)
+        old = _pure_info_run("raw", 1.0)
+    finally:
+        torch.set_num_threads(threads)
+    assert learnt > 1.2, learnt
+    assert old < 0.5, old
