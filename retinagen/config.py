@@ -87,6 +87,9 @@ class ModelConfig(_Strict):
     # StyleGAN's 0.01 slows the mapping network 100x; short CPU runs need it faster for the codes to
     # reach the image at all (the paper's Figure 10 notes InfoStyleGAN's L_info rises only gradually).
     mapping_lr_multiplier: float = Field(0.01, gt=0.0, le=1.0)
+    # How (Z', C) enter G: "balanced" standardises the codes and gives them the same input energy as Z'
+    # (without it, L_info stays at ~0 nats: the codes are drowned by Z'); "raw" is plain concat(Z', C).
+    code_input: Literal["balanced", "raw"] = "balanced"
     g_channel_base: int = Field(16384, ge=16)
     g_channel_max: int = Field(512, ge=4)
     d_channel_base: int = Field(16384, ge=16)
@@ -110,6 +113,9 @@ class LossConfig(_Strict):
     r1_gamma: float = Field(10.0, ge=0.0)
     r1_interval: int = Field(16, ge=1)  # lazy R1: every N discriminator steps, scaled by N
     grade_weight: float = Field(1.0, ge=0.0)  # auxiliary DR-grade classifier loss, when enabled
+    # Weight of the uniform codes' log Q inside L_info (1 = Eq. 3 as written). Below 1 it stops the
+    # unbounded Gaussian term from dominating the bounded discrete one in short runs.
+    info_continuous_weight: float = Field(1.0, ge=0.0, le=1.0)
 
 
 class OptimConfig(_Strict):

@@ -37,6 +37,7 @@ def build_g(cfg: RunConfig) -> nn.Module:
         channel_max=m.g_channel_max,
         num_classes=num_classes(cfg),
         mapping_lr_multiplier=m.mapping_lr_multiplier,
+        code_input=m.code_input,
     )
 
 

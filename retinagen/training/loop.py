@@ -415,8 +415,8 @@ class Trainer:
         cfg = self.cfg
         beta = cfg.loss.beta
         # Weight of the uniform codes' log Q in the info loss (InfoGAN's smaller lambda for continuous
-        # codes; see losses.info_terms). Read defensively: older configs have no such key.
-        cont_w = float(getattr(cfg.loss, "info_continuous_weight", 1.0))
+        # codes; see losses.info_terms).
+        cont_w = cfg.loss.info_continuous_weight
         n = real.shape[0]
         stats: dict[str, float] = {}
 

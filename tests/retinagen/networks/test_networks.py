@@ -464,3 +464,21 @@ def test_code_input_raw_keeps_the_old_input_and_bad_values_are_rejected() -> Non
             StyleGenerator(SPEC, 8, code_input=bad)
         with pytest.raises(ValueError, match="code_input"):
             DirectGenerator(SPEC, 8, code_input=bad)
+
+
+@pytest.mark.parametrize("style", [True, False])
+def test_config_code_input_reaches_the_generator(style: bool) -> None:
+    from retinagen.config import ConfigError, load_run_config, parse_overrides
+    from retinagen.networks.build import build_g
+
+    base = [f"model.style={str(style).lower()}", "model.resolution=8", "model.g_channel_base=64", "model.g_channel_max=8"]
+
+    def cfg(*extra: str):
+        return load_run_config(preset="smoke", overrides=parse_overrides([*base, *extra]))
+
+    assert build_g(cfg()).code_input == "balanced"
+    assert build_g(cfg("model.code_input=raw")).code_input == "raw"
+    with pytest.raises(ConfigError):
+        cfg("model.code_input=loud")
+    with pytest.raises(ConfigError):
+        cfg("loss.info_continuous_weight=-0.5")
