@@ -11,7 +11,7 @@ import sys
 import traceback
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -190,65 +190,380 @@ def train(
 
 @app.command()
 def generate(
-    checkpoint: Annotated[Path, typer.Option(help="Checkpoint (.safetensors).")],
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint (.safetensors) or run folder (its newest checkpoint).")],
     n: Annotated[int, typer.Option(help="Number of images.")],
     out: Annotated[Path, typer.Option(help="Output folder.")],
     grade: Annotated[int | None, typer.Option(help="DR grade 0-4 (conditional models).")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Fix a code, e.g. --set c4=0.8")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Fix a code to a value: by name (--set c4=0.8) or by discovered attribute (--set melanin=0.8, "
+            "resolved through the factor map). The value is the code's own: a class, 0/1, or -1..1.",
+        ),
+    ] = None,
+    factors: Annotated[
+        Path | None,
+        typer.Option(help="Factor map from `retinagen discover` (default: RUN/factors.json of the checkpoint's run)."),
+    ] = None,
 ) -> None:
     """Generate images from a checkpoint (PNGs + manifest.csv marking every image synthetic)."""
-    from retinagen.generation import load_model, parse_code_settings, write_generated
+    from retinagen.generation import load_model, parse_code_settings, resolve_code_name, write_generated
 
     model = load_model(checkpoint, with_discriminator=False)
-    codes = parse_code_settings(model.spec, set_, model.factor_names)
+    names = [item.split("=", 1)[0] for item in set_ or []]
+    fmap = _factor_map_for(model, factors, names)
+    codes = parse_code_settings(model.spec, set_, model.factor_names, factor_map=fmap)
+    for name in dict.fromkeys(x.strip() for x in names):
+        idx = resolve_code_name(model.spec, name, model.factor_names, fmap)
+        if name != model.spec.code_names[idx]:  # say which code an attribute name set
+            typer.echo(f"--set {name}: sets {model.spec.code_kinds[idx]} code {model.spec.code_names[idx]} "
+                       f"= {codes[idx]:g}")
     manifest = write_generated(model, out, n, seed, grade=grade, codes=codes)
     typer.echo(f"wrote {n} images and {manifest}")
 
 
 @app.command()
 def traverse(
-    checkpoint: Annotated[Path, typer.Option(help="Checkpoint (.safetensors).")],
-    factor: Annotated[int, typer.Option(help="Index of the code c_i to vary.")],
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint (.safetensors) or run folder (its newest checkpoint).")],
+    factor: Annotated[
+        str,
+        typer.Option(help="The code to vary: its index (4), name (c4) or discovered attribute (melanin, via the factor map)."),
+    ],
     out: Annotated[Path, typer.Option(help="Output PNG grid.")],
     steps: Annotated[int, typer.Option(help="Values of the code (rows).")] = 7,
     samples: Annotated[int, typer.Option(help="Other latents resampled (columns).")] = 8,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    factors: Annotated[
+        Path | None,
+        typer.Option(help="Factor map from `retinagen discover` (default: RUN/factors.json of the checkpoint's run)."),
+    ] = None,
 ) -> None:
     """Write a Figure-1-style traversal grid: rows vary one code, columns resample the rest."""
     from retinagen.fileio import atomic_write_bytes
-    from retinagen.generation import load_model, png_bytes, traversal_grid
+    from retinagen.generation import load_model, png_bytes, resolve_code_name, traversal_grid
 
     model = load_model(checkpoint, with_discriminator=False)
-    if not 0 <= factor < model.spec.n_codes:
-        raise RetinagenError(f"--factor {factor}: this model has codes 0..{model.spec.n_codes - 1}")
-    grid = traversal_grid(model, factor, steps=steps, samples=samples, seed=seed)
+    fmap = _factor_map_for(model, factors, [factor])
+    idx = resolve_code_name(model.spec, factor, model.factor_names, fmap, flag="--factor")
+    grid = traversal_grid(model, idx, steps=steps, samples=samples, seed=seed)
     atomic_write_bytes(out, png_bytes(grid))
-    typer.echo(f"wrote {out} ({model.spec.code_kinds[factor]} code c{factor}: rows are its values, columns are samples)")
+    code = model.spec.code_names[idx]
+    label = "" if factor.strip() in (code, str(idx)) else f" = {factor.strip()}"
+    typer.echo(f"wrote {out} ({model.spec.code_kinds[idx]} code {code}{label}: rows are its values, columns are samples)")
+
+
+def _factor_map_for(model: Any, path: Path | None, names: list[str]) -> dict[str, Any] | None:
+    """The factor map to resolve attribute ``names`` with, or None when none is needed or none exists.
+
+    Read when ``path`` is given, or when some name is neither a code index nor a code name (an attribute);
+    the default is the checkpoint run's ``factors.json``. A map discovered on another checkpoint is used with
+    a warning (its codes may control other attributes in this one).
+    """
+    from retinagen.generation import find_factor_map
+
+    plain = {*model.spec.code_names, *(str(i) for i in range(model.spec.n_codes))}
+    if path is None and all(name.strip() in plain for name in names):
+        return None
+    found = find_factor_map(model, path)
+    if found is None:
+        return None
+    fmap, where = found
+    sha = fmap.get("checkpoint_sha256")
+    if sha not in (None, model.sha256):
+        typer.echo(
+            f"warning: {where} was discovered on another checkpoint (sha256 {str(sha)[:12]}…, this one "
+            f"{model.sha256[:12]}…); rerun `retinagen discover` if the attributes look wrong",
+            err=True,
+        )
+    return fmap
 
 
 # --------------------------------------------------------------------------------------------------
 # Metrics
 
+def _parse_metrics(text: str, known: tuple[str, ...]) -> list[str]:
+    """``"fid, mig"`` -> ``["fid", "mig"]``; unknown or no names: usage error (exit 2) listing the valid ones."""
+    given = [m.strip() for m in text.split(",") if m.strip()]
+    names = [m.lower() for m in given]
+    unknown = [g for g, m in zip(given, names, strict=True) if m not in known]
+    if unknown or not names:
+        _usage_error(
+            f"--metrics: unknown metric(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(known)}"
+        )
+    return list(dict.fromkeys(names))  # once each, in the order given
+
+
+def _usage_error(message: str) -> NoReturn:
+    """One line on stderr and exit code 2 (the format `main` uses for a RetinagenError)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _training_data_of(tensor_path: Path) -> Path | None:
+    """The prepared ZIP a checkpoint was trained on, when it is still on disk.
+
+    The config's ``data.path`` when it is a ZIP file; otherwise (built-in synthetic data, or a folder prepared
+    on first use) the one ZIP in the run's ``data/`` folder. None when neither is found.
+    """
+    import json
+
+    from retinagen.generation import run_folder_of
+
+    try:
+        meta = json.loads(tensor_path.with_suffix(".json").read_text(encoding="utf-8"))
+        data_path = meta["config"]["data"].get("path")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        data_path = None
+    if data_path and Path(data_path).is_file():
+        return Path(data_path)
+    run = run_folder_of(tensor_path)
+    zips = sorted((run / "data").glob("*.zip")) if run is not None else []
+    return zips[0] if len(zips) == 1 else None
+
+
+def _fmt_pm(sec: dict[str, Any] | None, digits: int = 4) -> str:
+    """``mean ± std (repeats × n images)`` of an FD/KID section; a skipped one by its reason's first sentence."""
+    if not sec:
+        return "not run"
+    if sec.get("status") != "ok":
+        return "skipped: " + str(sec.get("reason", "")).split(". ")[0]
+    return f"{sec['mean']:.{digits}g} ± {sec['std']:.2g}  ({sec['repeats']} × {sec['n_samples']} images)"
+
+
+def _report_summary(report: dict[str, Any]) -> list[str]:
+    """A few lines of `report`'s headline numbers, for the terminal (REPORT.md has everything)."""
+    sec = report["metrics"]
+    rows: list[tuple[str, str]] = []
+    for key in ("fid", "kid"):
+        if key in sec:
+            rows.append((key.upper(), _fmt_pm(sec[key])))
+    if "fd_fundus" in sec:
+        fdf = sec["fd_fundus"]
+        rows.append(("fd_fundus FD", _fmt_pm(fdf.get("fd"))))
+        rows.append(("fd_fundus KID", _fmt_pm(fdf.get("kid"))))
+    if "mig" in sec:
+        mig = sec["mig"]
+        if mig.get("status") == "ok":
+            rows.append(("MIG", f"{mig['mig']:.4f}  (max I {mig['max_mi']:.4g} nats; {len(mig['attributes'])} attributes, "
+                                f"{mig['n_images']} real images)"))
+        else:
+            rows.append(("MIG", f"skipped: {mig.get('reason')}"))
+    if "acm" in sec:
+        acm = sec["acm"]
+        if acm.get("status") == "ok":
+            for r in acm["rows"]:
+                mark = "" if r["assigned"] else ", unassigned"
+                rows.append((f"ACM {r['attribute']}", f"{r['percent']:.1f} ± {r['margin95']:.1f} %  ({r['code']}{mark})"))
+        else:
+            rows.append(("ACM", f"skipped: {acm.get('reason')}"))
+    lin = report.get("linfo") or {}
+    if lin.get("status") == "ok":
+        rows.append(("L_info (discrete)", f"{lin['L_info_discrete_last']:.3f} of bound H(C) {lin['H_discrete']:.3f} nats"))
+    width = max(len(k) for k, _ in rows) if rows else 0
+    return [f"  {k:<{width}}  {v}" for k, v in rows]
+
 
 @app.command()
 def evaluate(
-    checkpoint: Annotated[Path, typer.Option(help="Checkpoint (.safetensors).")],
-    data: Annotated[Path, typer.Option(help="Prepared dataset ZIP.")],
-    out: Annotated[Path, typer.Option(help="REPORT.json (REPORT.md is written beside it).")],
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint (.safetensors) or run folder (its newest checkpoint).")],
+    out: Annotated[Path, typer.Option(help="REPORT.json (REPORT.md and REPORT_files/ are written beside it).")],
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True, dir_okay=False,
+            help="Prepared dataset ZIP to compare with (default: the ZIP the checkpoint was trained on, if found).",
+        ),
+    ] = None,
     metrics: Annotated[str, typer.Option(help="Comma-separated: fid,kid,mig,acm,fd_fundus")] = "fid,kid,mig,acm,fd_fundus",
+    inception_weights: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True, dir_okay=False,
+            help="Inception-v3 weights for FID/KID (weights-inception-2015-12-05-6726825d.pth); else "
+            "$RETINAGEN_INCEPTION_WEIGHTS, else $TORCH_HOME/hub/checkpoints; absent: FID/KID skipped.",
+        ),
+    ] = None,
+    fundus_encoder: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="Fundus encoder for fd_fundus (default: train one on --data, cached)."),
+    ] = None,
+    factors: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True, dir_okay=False,
+            help="FACTORS.json from `retinagen discover` (default: RUN/factors.json when it was discovered on this "
+            "checkpoint, else discovered now and written beside the report).",
+        ),
+    ] = None,
+    n_samples: Annotated[
+        int | None, typer.Option(help="Generated images per FID/KID estimate (default: as many as real images, <= 10000).")
+    ] = None,
+    repeats: Annotated[int, typer.Option(help="FID/KID estimates, each with its own seed (paper: 5).")] = 5,
+    acm_n: Annotated[int, typer.Option(help="ACM: latents per attribute (paper: 100).")] = 100,
+    acm_steps: Annotated[int, typer.Option(help="ACM: values of a uniform code along a traversal.")] = 7,
+    seed: Annotated[int, typer.Option(help="Seed: FID/KID use seed..seed+repeats-1, discovery seed, ACM seed+1.")] = 0,
+    discovery_n: Annotated[int, typer.Option(help="Factor discovery (without --factors): latents per code.")] = 32,
+    discovery_steps: Annotated[int, typer.Option(help="Factor discovery: values of a uniform code.")] = 5,
+    top_factors: Annotated[int, typer.Option(help="Traversal grids in the report (top codes).")] = 4,
+    mig_limit: Annotated[int | None, typer.Option(help="MIG: Q on at most this many real images (default all).")] = None,
+    mig_bins: Annotated[int, typer.Option(help="MIG: bins of a uniform code's range.")] = 20,
+    factor_bins: Annotated[int, typer.Option(help="MIG: quantile bins of a continuous ground-truth factor.")] = 4,
+    encoder_epochs: Annotated[int, typer.Option(help="fd_fundus encoder training (when none is given): epochs.")] = 12,
+    encoder_min_steps: Annotated[int, typer.Option(help="fd_fundus encoder training: at least this many steps.")] = 800,
+    encoder_max_images: Annotated[int | None, typer.Option(help="fd_fundus encoder training: image limit.")] = 4000,
+    stats_cache: Annotated[
+        Path | None, typer.Option(help="Cache of real-image statistics and encoders (default ~/.cache/retinagen/stats).")
+    ] = None,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="No statistics cache; a trained encoder is kept in the report's folder.")
+    ] = False,
+    batch_size: Annotated[int, typer.Option(help="Generator / feature / Q batch size (keep it fixed across models).")] = 64,
+    device: Annotated[str, typer.Option(help="cpu or cuda[:i].")] = "cpu",
+    progress: Annotated[bool, typer.Option(help="Progress bars on stderr.")] = True,
 ) -> None:
-    """Measure quality (FID/KID, fundus FD) and control (MIG, ACM)."""
-    _not_built("evaluate", "issue 4: measuring control and quality")
+    """Measure quality (FID/KID, fundus FD) and control (MIG, ACM); write REPORT.json + REPORT.md."""
+    from retinagen.generation import default_factor_map_path, resolve_checkpoint
+    from retinagen.metrics.evaluate import KNOWN_METRICS, evaluate_checkpoint
+    from retinagen.metrics.fid import MetricUnavailable, resolve_inception_weights
+    from retinagen.training.checkpoint import sha256_file
+
+    wanted = _parse_metrics(metrics, KNOWN_METRICS)
+    if no_cache and stats_cache is not None:
+        _usage_error("--stats-cache and --no-cache exclude each other")
+    tensor_path = resolve_checkpoint(checkpoint)
+    if data is None:
+        data = _training_data_of(tensor_path)
+        if data is None:
+            _usage_error(
+                f"--data DS.zip is needed: the data {tensor_path.name} was trained on is not on disk "
+                "(make a ZIP with `retinagen prepare`, or `retinagen synth` + prepare)"
+            )
+        typer.echo(f"--data not given: comparing with the checkpoint's training data {data}")
+    if factors is None and ("acm" in wanted or top_factors > 0):
+        candidate = default_factor_map_path(tensor_path)
+        if candidate.is_file():
+            from retinagen.metrics.discovery import load_factor_map
+
+            if load_factor_map(candidate).get("checkpoint_sha256") == sha256_file(tensor_path):
+                factors = candidate
+                typer.echo(f"using the factor map {candidate}")
+            else:
+                typer.echo(f"{candidate} was discovered on another checkpoint: discovering factors afresh "
+                           "(pass --factors to use it anyway)")
+    if "fid" in wanted or "kid" in wanted:
+        try:
+            resolve_inception_weights(inception_weights)
+        except MetricUnavailable as exc:  # said once up front; the report records it and runs the rest
+            typer.echo(f"warning: FID/KID will be skipped. {exc}", err=True)
+    report = evaluate_checkpoint(
+        tensor_path,
+        data,
+        out,
+        metrics=wanted,
+        n_samples=n_samples,
+        repeats=repeats,
+        inception_weights=inception_weights,
+        fundus_encoder=fundus_encoder,
+        factor_map=factors,
+        acm_n=acm_n,
+        seed=seed,
+        progress=progress,
+        stats_cache=False if no_cache else stats_cache,
+        encoder_epochs=encoder_epochs,
+        encoder_min_steps=encoder_min_steps,
+        encoder_max_images=encoder_max_images,
+        discovery_n=discovery_n,
+        discovery_steps=discovery_steps,
+        acm_steps=acm_steps,
+        mig_limit=mig_limit,
+        mig_bins=mig_bins,
+        factor_bins=factor_bins,
+        top_factors=top_factors,
+        batch_size=batch_size,
+        device=device,
+    )
+    md = out.with_suffix(".md")
+    typer.echo(f"{report['model']['msi']} at step {report['model']['step']} against {Path(report['data']['path']).name} "
+               f"({report['data']['n_images']} images), {report['total_seconds']:.1f} s:")
+    for line in _report_summary(report):
+        typer.echo(line)
+    fm = (report.get("factor_map") or {}).get("path")
+    if fm and (report.get("factor_map") or {}).get("discovered_now"):
+        typer.echo(f"factor map discovered now: {out.parent / fm}")
+    typer.echo(f"wrote {out} and {md} (images in {out.parent / (out.stem + '_files')})")
+
+
+@app.command()
+def compare(
+    reports: Annotated[list[Path], typer.Argument(help="REPORT.json files written by `retinagen evaluate`.")],
+    out: Annotated[Path | None, typer.Option(help="Also write the table to this Markdown file.")] = None,
+) -> None:
+    """Compare evaluation reports side by side: FID, fd_fundus, MIG, max I, best ACM (a Markdown table)."""
+    from retinagen.fileio import atomic_write_text
+    from retinagen.metrics.evaluate import compare_reports, load_report
+
+    table = compare_reports([load_report(p) for p in reports])
+    typer.echo(table, nl=False)
+    if out is not None:
+        atomic_write_text(out, table)
+        typer.echo(f"wrote {out}")
 
 
 @app.command()
 def discover(
-    checkpoint: Annotated[Path, typer.Option(help="Checkpoint (.safetensors).")],
-    out: Annotated[Path, typer.Option(help="FACTORS.json")],
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint (.safetensors) or run folder (its newest checkpoint).")],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="FACTORS.json (default: RUN/factors.json, where generate/traverse/evaluate look for it)."),
+    ] = None,
+    n: Annotated[int, typer.Option(help="Latents per code (>= 2).")] = 32,
+    steps: Annotated[int, typer.Option(help="Values of a uniform code along its traversal (>= 2).")] = 5,
+    seed: Annotated[int, typer.Option(help="Latent seed.")] = 0,
+    grade: Annotated[int | None, typer.Option(help="Fix the DR grade of a conditional model (default: sampled).")] = None,
+    attributes: Annotated[
+        str | None, typer.Option(help="Comma-separated attribute probes (default: all), e.g. melanin,glare.")
+    ] = None,
+    min_score: Annotated[float, typer.Option(help="Smallest |effect| x consistency that assigns an attribute.")] = 0.5,
+    min_effect: Annotated[float, typer.Option(help="Smallest monotone change counted consistent, in SDs.")] = 0.25,
+    top: Annotated[int, typer.Option(help="Rows of the ranked table printed.")] = 20,
+    batch_size: Annotated[int, typer.Option(help="Generator batch size (does not change the result).")] = 64,
+    device: Annotated[str, typer.Option(help="cpu or cuda[:i].")] = "cpu",
+    progress: Annotated[bool, typer.Option(help="Progress bar on stderr.")] = True,
 ) -> None:
-    """Find which code c_i controls which measurable attribute."""
-    _not_built("discover", "issue 4: measuring control and quality")
+    """Find which code c_i controls which measurable attribute; write the factor map (FACTORS.json)."""
+    from retinagen.generation import default_factor_map_path, load_model
+    from retinagen.metrics.attributes import resolve_attribute
+    from retinagen.metrics.discovery import discover_factors, format_table, save_factor_map
+
+    probes = None
+    if attributes is not None:
+        try:
+            probes = [resolve_attribute(a.strip()) for a in attributes.split(",") if a.strip()]
+        except KeyError as exc:
+            _usage_error(f"--attributes: {exc.args[0]}")
+    model = load_model(checkpoint, device, with_discriminator=False)
+    if model.spec.n_codes == 0:
+        _usage_error(f"{model.path}: this model has no latent codes; there is nothing to discover")
+    try:
+        result = discover_factors(
+            model, n=n, steps=steps, seed=seed, probes=probes, progress=progress, grade=grade,
+            batch_size=batch_size, min_score=min_score, min_effect=min_effect,
+        )
+    except ValueError as exc:  # bad numbers (n < 2, ...): the library says which
+        _usage_error(str(exc))
+    path = save_factor_map(result, out or default_factor_map_path(model.path))
+    typer.echo(format_table(result, top=top))
+    assigned = {c: a for c, a in result.assignment.items() if a is not None}
+    if assigned:
+        typer.echo("assigned (* above): " + ", ".join(f"{c} -> {a}" for c, a in assigned.items()))
+        code, attr = next(iter(assigned.items()))
+        value = "0.8" if model.spec.code_kinds[model.spec.code_names.index(code)] == "uniform" else "1"
+        typer.echo(f"e.g. retinagen generate --checkpoint {checkpoint} --set {attr}={value} --n 16 --out DIR")
+    else:
+        typer.echo(f"no code controls an attribute consistently enough (score >= {min_score:g})")
+    typer.echo(f"wrote {path}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -106,9 +106,117 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, with_dis
     )
 
 
+FACTOR_MAP_FILE = "factors.json"  # a run's factor map: RUN/factors.json, written by `retinagen discover`
+
+
+def run_folder_of(checkpoint: str | Path) -> Path | None:
+    """The run folder of a checkpoint file (``RUN/checkpoints/ckpt-*.safetensors`` or ``RUN/ckpt-*``), if any.
+
+    A folder counts as a run folder when it holds the run's ``config.json`` or ``metrics.jsonl``; the folder above
+    is only considered for a checkpoint in a ``checkpoints/`` folder (a lone file's grandparent is not its run).
+    """
+    ck = Path(checkpoint)
+    cands = (ck.parent.parent, ck.parent) if ck.parent.name == "checkpoints" else (ck.parent,)
+    for cand in cands:
+        if (cand / "config.json").is_file() or (cand / "metrics.jsonl").is_file():
+            return cand
+    return None
+
+
+def default_factor_map_path(checkpoint: str | Path) -> Path:
+    """Where ``retinagen discover`` writes, and generation looks for, the factor map of a checkpoint file.
+
+    ``RUN/factors.json`` for a checkpoint inside a run folder; ``<stem>.factors.json`` beside a lone checkpoint
+    file (e.g. a shipped ``model.safetensors`` -> ``model.factors.json``).
+    """
+    ck = Path(checkpoint)
+    run = run_folder_of(ck)
+    if run is not None:
+        return run / FACTOR_MAP_FILE
+    return ck.with_name(f"{ck.stem}.{FACTOR_MAP_FILE}")
+
+
+def find_factor_map(model: LoadedModel, path: str | Path | None = None) -> tuple[dict[str, Any], Path] | None:
+    """The factor map for ``model``: ``path`` when given (it must exist), else the default one if present.
+
+    Returns ``(map, path)`` or None when no path is given and no default map exists. The map is validated
+    (`retinagen.metrics.discovery.load_factor_map`) and every code it names must be a code of ``model``
+    (`CodeValueError` otherwise: a map discovered on a model with other codes is unusable).
+    """
+    from retinagen.metrics.discovery import load_factor_map
+
+    if path is None:
+        path = default_factor_map_path(model.path)
+        if not path.is_file():
+            return None
+    path = Path(path)
+    fmap = load_factor_map(path)
+    foreign = sorted(set(fmap["codes"]) - set(model.spec.code_names))
+    if foreign:
+        raise CodeValueError(
+            f"{path}: the factor map names code(s) {', '.join(foreign)} that {model.path.name} does not have "
+            f"(its codes are {_code_range(model.spec)}); it was discovered on another model"
+        )
+    return fmap, path
+
+
+def _code_range(spec: LatentSpec) -> str:
+    return f"c0..c{spec.n_codes - 1}" if spec.n_codes > 1 else ", ".join(spec.code_names) or "none"
+
+
+def resolve_code_name(spec: LatentSpec, name: str | int, aliases: Mapping[str, str] | None = None,
+                      factor_map: Mapping[str, Any] | None = None, *, flag: str = "--set") -> int:
+    """The index of the code a user named: an index (``4``), a code name (``c4``) or an attribute name.
+
+    Attribute names come from ``aliases`` (code -> attribute, `retinagen.metrics.discovery.factor_aliases`) and
+    from a factor map (its assigned attributes and their synonyms, e.g. ``melanin`` for ``pigmentation``,
+    `retinagen.metrics.discovery.attribute_codes`). Raises `CodeValueError` whose message lists every valid
+    name; for an attribute name without a factor map it says how to make one; for an attribute the map did not
+    assign to any code it says so.
+    """
+    from retinagen.metrics.attributes import ATTRIBUTES, SYNONYMS
+    from retinagen.metrics.discovery import attribute_codes
+
+    text = str(name).strip()
+    if (isinstance(name, int) and not isinstance(name, bool)) or text.isdigit():
+        if not 0 <= int(text) < spec.n_codes:
+            raise CodeValueError(f"{flag} {text}: code index out of range; this model has codes {_code_range(spec)}")
+        return int(text)
+    by_attr: dict[str, str] = {attr: code for code, attr in (aliases or {}).items()}
+    if factor_map is not None:
+        for attr, code in attribute_codes(factor_map).items():
+            by_attr.setdefault(attr, code)
+    code = by_attr.get(text, text)
+    if code in spec.code_names:
+        return spec.code_names.index(code)
+    if text in by_attr:  # an attribute whose code is not in this model (a map of another model)
+        raise CodeValueError(f"{flag} {text}: the factor map assigns it to {code}, which this model does not have")
+    valid = f"codes {_code_range(spec)}"
+    if by_attr:
+        valid += "; attributes " + ", ".join(f"{a} ({c})" for a, c in sorted(by_attr.items()))
+    if text in ATTRIBUTES or text in SYNONYMS:
+        if factor_map is None and not by_attr:
+            raise CodeValueError(
+                f"{flag} {text}: {text!r} is an attribute name, but this checkpoint has no factor map; run "
+                "`retinagen discover --checkpoint CK` first (it writes RUN/factors.json) or pass --factors "
+                f"FACTORS.json. Valid names now: {valid}"
+            )
+        raise CodeValueError(
+            f"{flag} {text}: the factor map assigns no code to {SYNONYMS.get(text, text)!r} (discovery found "
+            f"no code that controls it consistently). Valid names: {valid}"
+        )
+    raise CodeValueError(f"{flag} {text}: unknown code or attribute. Valid names: {valid}")
+
+
 def parse_code_settings(spec: LatentSpec, items: Sequence[str] | Mapping[str, float] | None,
-                        aliases: Mapping[str, str] | None = None) -> dict[int, float]:
-    """``["c4=0.8", "melanin=1"]`` -> ``{4: 0.8, ...}``; names may be discovered attribute aliases."""
+                        aliases: Mapping[str, str] | None = None, *,
+                        factor_map: Mapping[str, Any] | None = None) -> dict[int, float]:
+    """``["c4=0.8", "melanin=1"]`` -> ``{4: 0.8, ...}``: code index -> the value it is fixed to.
+
+    Names are resolved by `resolve_code_name`: code names (``c4``), attribute aliases (``aliases``: code ->
+    attribute) and, with a factor map, every discovered attribute and its synonyms. The value is the code's own
+    value (a class index, 0/1, or a number in [-1, 1]), not an attribute level. Raises `CodeValueError`.
+    """
     if not items:
         return {}
     pairs: list[tuple[str, str]] = []
@@ -120,19 +228,20 @@ def parse_code_settings(spec: LatentSpec, items: Sequence[str] | Mapping[str, fl
                 raise CodeValueError(f"--set {item!r}: expected NAME=VALUE, e.g. c4=0.8")
             k, v = item.split("=", 1)
             pairs.append((k.strip(), v.strip()))
-    reverse = {v: k for k, v in (aliases or {}).items()}
     out: dict[int, float] = {}
     for name, raw in pairs:
-        code = reverse.get(name, name)
+        idx = resolve_code_name(spec, name, aliases, factor_map)
         try:
-            idx = spec.code_index(code)
-        except CodeValueError:
-            known = ", ".join(list(spec.code_names) + sorted(reverse))
-            raise CodeValueError(f"--set {name}: unknown code; known: {known}") from None
-        try:
-            out[idx] = float(raw)
+            value = float(raw)
         except ValueError:
             raise CodeValueError(f"--set {name}={raw}: value is not a number") from None
+        if idx in out and out[idx] != value:
+            raise CodeValueError(f"--set {name}={raw}: {spec.code_names[idx]} is already set to {out[idx]:g}")
+        try:  # the range check generation applies, made now so a bad value fails before any image is written
+            spec.with_code(spec.sample(1), idx, value, allow_extrapolation=True)
+        except CodeValueError as exc:
+            raise CodeValueError(f"--set {name}={raw}: {exc}") from None
+        out[idx] = value
     return out
 
 
