@@ -9,7 +9,7 @@ import pytest
 
 from retinagen.cli import main
 
-COMMANDS = ["synth", "prepare", "train", "generate", "traverse", "evaluate", "discover", "rebalance",
+COMMANDS = ["synth", "prepare", "train", "generate", "traverse", "evaluate", "discover", "compare", "rebalance",
             "downstream", "anomaly", "dashboard"]
 
 
