@@ -583,12 +583,47 @@ def rebalance(
 
 @app.command()
 def downstream(
-    real: Annotated[Path, typer.Option(help="Prepared real dataset ZIP.")],
-    synthetic: Annotated[Path, typer.Option(help="Folder written by `retinagen rebalance`.")],
-    out: Annotated[Path, typer.Option(help="REPORT.json")],
+    real: Annotated[Path, typer.Option(help="Prepared real dataset ZIP with DR grades (`retinagen prepare`).")],
+    synthetic: Annotated[Path, typer.Option(help="Folder of synthetic PNGs + manifest.csv (`retinagen rebalance`).")],
+    out: Annotated[Path, typer.Option(help="REPORT.json (REPORT.md, REPORT_files/ and graders/ are written beside it).")],
+    preset: Annotated[
+        Preset, typer.Option(help="Grader size: smoke (seconds), cpu (small DenseNet, 32 px, minutes), gpu (DenseNet121, 256 px).")
+    ] = Preset.cpu,
+    seed: Annotated[int, typer.Option(help="Seed: grader init, batch order, augmentation, split (if the ZIP has none), bootstrap.")] = 0,
+    n_bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of the test set for the 95 % intervals.")] = 1000,
+    test_fraction: Annotated[float, typer.Option(help="Test share of patients when the ZIP has no test split.")] = 0.2,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda[:i] (default: CUDA when available).")] = None,
+    progress: Annotated[bool, typer.Option(help="Progress bars on stderr.")] = True,
 ) -> None:
     """Train DR graders on real / real+synthetic / synthetic and compare them on held-out real data."""
-    _not_built("downstream", "issue 5: clinical modules")
+    from clinical.grader import run_downstream, summary_lines
+
+    if out.suffix.lower() != ".json":
+        _usage_error(f"--out {out}: expected a .json report path, e.g. REPORT.json")
+    if n_bootstrap < 1:
+        _usage_error(f"--n-bootstrap must be >= 1, got {n_bootstrap}")
+    if not 0 < test_fraction < 1:
+        _usage_error(f"--test-fraction must be in (0, 1), got {test_fraction}")
+    report = run_downstream(
+        real,
+        synthetic,
+        out.parent,
+        preset=preset.value,
+        seed=seed,
+        n_bootstrap=n_bootstrap,
+        test_fraction=test_fraction,
+        device=device,
+        report_name=out.name,
+        progress=progress,
+    )
+    sp, sy = report["split"], report["synthetic"]
+    typer.echo(
+        f"test: {sp['n_test']} real images ({sp['method']} split, {sp['n_test_patients']} patients); "
+        f"synthetic: {sy['kept']} kept, {sy['n_skipped']} skipped"
+    )
+    for line in summary_lines(report):
+        typer.echo(line)
+    typer.echo(f"wrote {out}, {out.with_suffix('.md')} and graders in {out.parent / 'graders'}")
 
 
 @anomaly_app.command("fit")
