@@ -207,6 +207,10 @@ def generate(
         Path | None,
         typer.Option(help="Factor map from `retinagen discover` (default: RUN/factors.json of the checkpoint's run)."),
     ] = None,
+    dicom: Annotated[
+        bool,
+        typer.Option(help="Also write each image as DICOM (Secondary Capture, SyntheticData=YES, no patient data)."),
+    ] = False,
 ) -> None:
     """Generate images from a checkpoint (PNGs + manifest.csv marking every image synthetic)."""
     from retinagen.generation import load_model, parse_code_settings, resolve_code_name, write_generated
@@ -220,8 +224,30 @@ def generate(
         if name != model.spec.code_names[idx]:  # say which code an attribute name set
             typer.echo(f"--set {name}: sets {model.spec.code_kinds[idx]} code {model.spec.code_names[idx]} "
                        f"= {codes[idx]:g}")
-    manifest = write_generated(model, out, n, seed, grade=grade, codes=codes)
-    typer.echo(f"wrote {n} images and {manifest}")
+    also_write = _dicom_writer(model, out) if dicom else None
+    manifest = write_generated(model, out, n, seed, grade=grade, codes=codes, also_write=also_write)
+    typer.echo(f"wrote {n} images{' (PNG + DICOM)' if dicom else ''} and {manifest}")
+
+
+def _dicom_writer(model: Any, out: Path) -> Any:
+    """``also_write`` callback: the PNG's twin ``<name>.dcm``, one DICOM series per command."""
+    from pydicom.uid import generate_uid
+
+    from clinical.dicom_export import write_synthetic_dicom
+
+    study, series = generate_uid(None), generate_uid(None)
+    count = iter(range(1, 1 << 31))
+
+    def write(rgb: Any, row: dict[str, Any]) -> None:
+        codes = dict(item.split("=", 1) for item in row["codes"].split())
+        write_synthetic_dicom(
+            rgb, out / Path(row["file"]).with_suffix(".dcm"), model_name=row["model"],
+            checkpoint_sha256=row["checkpoint_sha256"], seed=row["seed"],
+            grade=row["level"] if model.num_classes else None, codes={k: float(v) for k, v in codes.items()},
+            study_instance_uid=study, series_instance_uid=series, instance_number=next(count), overwrite=True,
+        )
+
+    return write
 
 
 @app.command()

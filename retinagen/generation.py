@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -385,8 +385,13 @@ def png_bytes(img: np.ndarray) -> bytes:
 
 
 def write_generated(model: LoadedModel, out: Path, n: int, seed: int = 0, *, grade: int | None = None,
-                    codes: Mapping[int, float] | None = None, batch_size: int = 64, progress: bool = True) -> Path:
-    """Write ``n`` PNGs and ``manifest.csv`` (every row marked synthetic=1 with its provenance)."""
+                    codes: Mapping[int, float] | None = None, batch_size: int = 64, progress: bool = True,
+                    also_write: Callable[[np.ndarray, dict[str, Any]], None] | None = None) -> Path:
+    """Write ``n`` PNGs and ``manifest.csv`` (every row marked synthetic=1 with its provenance).
+
+    ``also_write(rgb [H, W, 3] uint8, row)`` is called after each PNG with its manifest row (e.g. to
+    write the same image as DICOM, see ``retinagen generate --dicom``).
+    """
     from retinagen.fileio import atomic_write_bytes, atomic_write_text
     from retinagen.progress import progress_bar
 
@@ -401,7 +406,7 @@ def write_generated(model: LoadedModel, out: Path, n: int, seed: int = 0, *, gra
             for j in range(m):
                 name = f"seed{seed}-{start + j:06d}.png"
                 atomic_write_bytes(out / name, png_bytes(imgs[j]))
-                rows.append({
+                row = {
                     "file": name,
                     "level": int(info["grade"][j]),
                     "synthetic": 1,
@@ -410,7 +415,10 @@ def write_generated(model: LoadedModel, out: Path, n: int, seed: int = 0, *, gra
                     "checkpoint_sha256": model.sha256,
                     "model": model.cfg.msi_name,
                     "created": created,
-                })
+                }
+                rows.append(row)
+                if also_write is not None:
+                    also_write(imgs[j], row)
             bar.advance(m)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))

@@ -379,3 +379,26 @@ def test_a_lone_checkpoint_keeps_its_factor_map_beside_it(run: Path, tmp_path: P
                  "--set", f"lesions={value}")
     assert res.exit_code == 0, res.output
     assert float(_manifest_codes(tmp_path / "g")[0][code]) == float(value)
+
+
+def test_generate_dicom_twins_are_marked_synthetic_and_match_the_pngs(run: Path, tmp_path: Path) -> None:
+    import numpy as np
+    import pydicom
+    from PIL import Image
+
+    from retinagen.data.dicom import read_dicom
+
+    out = tmp_path / "gen"
+    res = invoke("generate", "--checkpoint", run, "--n", "3", "--out", out, "--seed", "2", "--dicom")
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader((out / "manifest.csv").open()))
+    series = set()
+    for row in rows:
+        dcm = out / Path(row["file"]).with_suffix(".dcm")
+        png = np.asarray(Image.open(out / row["file"]).convert("RGB"))
+        assert np.array_equal(read_dicom(dcm).pixels, png)
+        ds = pydicom.dcmread(dcm)
+        assert ds.SyntheticData == "YES" and list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+        assert row["checkpoint_sha256"] in ds.DerivationDescription
+        series.add(ds.SeriesInstanceUID)
+    assert len(series) == 1 and len(rows) == 3
