@@ -480,6 +480,7 @@ def prepare_dataset(
     split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
+    label: str | None = None,
 ) -> PrepareSummary:
     """Preprocess the raw ``dataset`` under ``data_root`` into ``out`` (a ZIP) and its report.
 
@@ -496,6 +497,7 @@ def prepare_dataset(
         split_fractions: (train, val, test), summing to 1.
         max_pixels: largest width x height of an input image (decompression-bomb guard).
         progress: show a progress bar (count, images/s, ETA) on stderr.
+        label: name shown on the progress bar (default: ``dataset``).
 
     Raises:
         RetinagenError: bad arguments, a missing or unrecognisable data root, or nothing valid to keep
@@ -534,7 +536,7 @@ def prepare_dataset(
     with atomic_path(out) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             with progress_bar(
-                len(records), f"prepare {dataset} {resolution}px", unit="img", enabled=progress
+                len(records), f"prepare {label or dataset} {resolution}px", unit="img", enabled=progress
             ) as bar:
                 for outcomes in _outcomes(_chunks(records, chunk), settings, n_workers):
                     for index, png, reason, warns, side in outcomes:

@@ -173,7 +173,7 @@ def _prepare_synth(src: Path, data_dir: Path, cfg: RunConfig, d: Dist, synthesiz
 
         if synthesize and not (src / "trainLabels.csv").is_file():
             write_synth_dataset(src, n=cfg.data.synth_n, resolution=res, seed=cfg.data.synth_seed)
-        prepare_dataset("eyepacs", src, res, zip_path)
+        prepare_dataset("eyepacs", src, res, zip_path, label="synthfundus")  # synth writes the EyePACS layout
     if d.world > 1:
         dist.barrier()
     return zip_path
