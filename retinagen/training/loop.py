@@ -164,6 +164,14 @@ def resolve_training_data(cfg: RunConfig, run_dir: Path, d: Dist) -> Path:
     return _prepare_synth(run_dir / "data" / "synthfundus", run_dir / "data", cfg, d, synthesize=True)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT/SIGTERM: Ctrl-C reaches the whole process group (and `pkill -f`
+    every process), and a worker killed under the main process turns a clean stop-and-snapshot into a
+    crash. The main process handles the signal, saves, and shuts the workers down itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _prepare_synth(src: Path, data_dir: Path, cfg: RunConfig, d: Dist, synthesize: bool) -> Path:
     res = cfg.model.resolution
     zip_path = data_dir / f"synthfundus-n{cfg.data.synth_n}-s{cfg.data.synth_seed}-r{res}.zip"
@@ -172,7 +180,8 @@ def _prepare_synth(src: Path, data_dir: Path, cfg: RunConfig, d: Dist, synthesiz
         from retinagen.data.synthetic import write_synth_dataset
 
         if synthesize and not (src / "trainLabels.csv").is_file():
-            write_synth_dataset(src, n=cfg.data.synth_n, resolution=res, seed=cfg.data.synth_seed)
+            # The FOV detector needs >= 32 px to find a disc; smaller models get a downscaled 32 px render.
+            write_synth_dataset(src, n=cfg.data.synth_n, resolution=max(res, 32), seed=cfg.data.synth_seed)
         prepare_dataset("eyepacs", src, res, zip_path, label="synthfundus")  # synth writes the EyePACS layout
     if d.world > 1:
         dist.barrier()
@@ -589,6 +598,7 @@ def train(
         pin_memory=trainer.device.type == "cuda",
         drop_last=True,
         persistent_workers=cfg.train.workers > 0,
+        worker_init_fn=_ignore_stop_signals,
     )
     total_images = int(round(cfg.train.kimg * 1000))
     writer = None

@@ -141,3 +141,32 @@ def test_ddp_two_processes_on_gloo(synth_zip_16: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     ck = load_checkpoint(latest_valid_checkpoint(run / "checkpoints"))
     assert ck.meta["world_size"] == 2 and ck.meta["images_seen"] == 32
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_stop_signal_to_the_whole_process_group_saves_a_snapshot(signame: str, synth_zip_16: Path, tmp_path: Path) -> None:
+    """Ctrl-C signals every process of the terminal's group, and schedulers (SLURM) or `pkill -f` send
+    SIGTERM to every process of a job, DataLoader workers included: the run must still stop cleanly with
+    a snapshot (with SIGTERM it used to die with 'DataLoader worker ... killed by signal: Terminated')."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "retinagen.cli", "train", "--dataset", "synthfundus", "--preset", "smoke",
+           "--data", str(synth_zip_16), "--kimg", "100", "--out", str(run), "--set", "train.workers=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.jsonl").is_file() or (run / "metrics.jsonl").stat().st_size == 0:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
+            time.sleep(0.2)
+        os.killpg(proc.pid, getattr(signal, signame))
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out
+    assert "stopped:" in out and "resume with: retinagen train --resume" in out
+    assert latest_valid_checkpoint(run / "checkpoints") is not None
