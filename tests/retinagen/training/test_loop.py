@@ -170,3 +170,11 @@ def test_stop_signal_to_the_whole_process_group_saves_a_snapshot(signame: str, s
     assert proc.returncode == 0, out
     assert "stopped:" in out and "resume with: retinagen train --resume" in out
     assert latest_valid_checkpoint(run / "checkpoints") is not None
+
+
+def test_smoke_preset_synthesises_its_own_data(tmp_path: Path) -> None:
+    """`retinagen train --dataset synthfundus --preset smoke` with no --data: synth + prepare + train."""
+    summary = train(load_run_config("synthfundus", preset="smoke"), tmp_path / "run", progress=False)
+    assert summary.last_checkpoint is not None
+    zips = list((tmp_path / "run" / "data").glob("*.zip"))
+    assert len(zips) == 1
