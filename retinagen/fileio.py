@@ -1,16 +1,19 @@
 """Atomic file writes: a reader never sees a half-written file, a crash leaves the old one.
 
 Write to a temporary file in the same folder, fsync, then ``os.replace`` (atomic on POSIX and
-Windows). On any failure the temporary file is removed and the error re-raised.
+Windows). On any failure the temporary file is removed and the error re-raised. An ``OSError`` is
+re-raised naming the target (not the hidden temporary, and not ``None`` as a failed ``write()`` on
+a full disk would), so `storage_error_message` and the CLI can say which file could not be written.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,10 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it replaces ``target`` atomically."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:  # unwritable folder, full disk: name the target, not a random temp name
+        raise _naming_target(exc, target) from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -37,9 +43,61 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.chmod(tmp_path, _default_mode())
         os.replace(tmp_path, target)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
+    except BaseException as exc:
+        # The cleanup must not hide the original error (unlink can fail on the same broken disk).
+        with suppress(OSError):
+            tmp_path.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _naming_target(exc, target) from exc
         raise
+
+
+def _naming_target(exc: OSError, target: Path) -> OSError:
+    """``exc`` naming ``target`` when it named nothing (a failed ``write()``) or our temporary file.
+
+    Same errno, hence the same ``OSError`` subclass (``PermissionError`` for EACCES, ...). An error
+    that names some other file (a writer that failed to read its input) is returned unchanged.
+    """
+    if exc.errno is None:
+        return exc
+    if exc.filename is not None:
+        named = Path(str(exc.filename))
+        if named.parent != target.parent or not named.name.startswith(f".{target.name}."):
+            return exc
+    return OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(target))
+
+
+# errno -> reason shown to the user. Only conditions of the machine, not bugs: any other OSError
+# escaping a command is a bug and keeps its traceback (CLI exit code 1).
+_STORAGE_REASONS: dict[int, str] = {
+    errno.ENOSPC: "cannot write: no space left on the device (free some space or write elsewhere)",
+    errno.EDQUOT: "cannot write: disk quota exceeded (free some space or write elsewhere)",
+    errno.EROFS: "cannot write: read-only file system (write elsewhere)",
+    errno.EFBIG: "cannot write: file too large for this file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+def storage_error_message(exc: BaseException, writing: str | Path | None = None) -> str | None:
+    """One line for an ``OSError`` caused by the machine (full disk, no permission, read-only file
+    system) that names the file, e.g. ``"/out/ds.zip: cannot write: no space left on the device ..."``.
+
+    ``writing``: what the caller was writing (a command's ``--out``), named when the error names no
+    file (a failed ``write()`` on a plain file object carries none). None for any other exception
+    (those are bugs).
+    """
+    if not isinstance(exc, OSError) or exc.errno not in _STORAGE_REASONS:
+        return None
+    if exc.filename is None:
+        where = str(writing) if writing is not None else "(a file the system did not name)"
+        return f"{where}: {_STORAGE_REASONS[exc.errno]}"
+    where = Path(str(exc.filename))
+    reason = _STORAGE_REASONS[exc.errno]
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        # Name the folder too: the file may be a hidden temporary that the user never asked for.
+        reason += f" (check that you may write to {where.parent} and that {where.name} is not read-only)"
+    return f"{where}: {reason}"
 
 
 def atomic_write_bytes(target: str | Path, data: bytes) -> None:

@@ -64,6 +64,7 @@ MASK_MARGIN = 0.02
 # detection costs a few ms instead of tens of ms at full size.
 _DETECT_SIDE = 384
 _MIN_SIDE = 32  # below this there is nothing to detect
+_MAX_ASPECT = 4.0  # longer / shorter side; fundus photographs are ~1:1 to ~1.6:1 (frame-cut EyePACS)
 _BLACK_LEVEL = 0.02  # 99.9th-percentile brightness below this (~5/255): the image is black
 _MIN_REL_CONTRAST = 0.3  # (FOV level - surround level) / FOV level, on the normalised image
 _THRESHOLD_FRACTION = 0.3  # threshold between surround and FOV level: low, to keep the dim periphery
@@ -303,14 +304,18 @@ def detect_fov(img: np.ndarray) -> FOV:
     NoFundusError); finally the circle is moved onto the steepest radial brightness drop, the FOV's
     true edge, which vignetting and exposure do not shift.
 
-    Raises NoFundusError (a BadInputError) when there is no fundus: black, uniform or too small
-    images, no dark surround, or a bright region that is not a large round disc (natural photos,
-    faces, noise).
+    Raises NoFundusError (a BadInputError) when there is no fundus: black, uniform, too small or
+    strip-shaped (sides more than 4:1) images, no dark surround, or a bright region that is not a
+    large round disc (natural photos, faces, noise).
     """
     arr = _as_hwc(img)
     h, w = arr.shape[:2]
     if min(h, w) < _MIN_SIDE:
         raise _no_fundus(f"the image is too small ({w}x{h} px)")
+    if max(h, w) > _MAX_ASPECT * min(h, w):
+        # Also keeps the shrink below sound: one factor for both sides would take a strip's short
+        # side to 0 px (a fuzzed JPEG header of 15621x40 px crashed cv2.resize before this check).
+        raise _no_fundus(f"the image is {w}x{h} px, a strip: its sides are more than {_MAX_ASPECT:g}:1")
     scale = _value_scale(arr)
 
     # Shrink by an integer factor (dropping < f edge pixels): cv2's INTER_AREA has a fast exact path

@@ -14,6 +14,7 @@ complete one. Nothing here unpickles: a file that is not safetensors is refused 
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import re
@@ -124,6 +125,11 @@ def save_checkpoint(path_stem: str | Path, tensors: Mapping[str, torch.Tensor], 
     tensor_path = stem.with_suffix(".safetensors")
     json_path = stem.with_suffix(".json")
     clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    # A snapshot killed mid-write leaves a hidden temporary (".NAME.safetensors.<random>.tmp", fileio's
+    # naming) that nothing else removes; writing the same NAME again (a resumed run does) clears it.
+    # Only one process (rank 0) writes a run's checkpoints, so such a file is never a live writer's.
+    for stale in stem.parent.glob(f".{glob.escape(stem.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
     with atomic_path(tensor_path) as tmp:
         save_file(clean, str(tmp), metadata={"format": "retinagen", "schema_version": str(SCHEMA_VERSION)})
     full_meta = dict(meta)
