@@ -598,13 +598,86 @@ def discover(
 
 @app.command()
 def rebalance(
-    checkpoint: Annotated[Path, typer.Option(help="DR-grade conditional checkpoint.")],
-    data: Annotated[Path, typer.Option(help="Prepared real dataset ZIP.")],
-    target: Annotated[str, typer.Option(help="uniform | counts:N0,N1,N2,N3,N4")],
-    out: Annotated[Path, typer.Option(help="Output folder for synthetic images + manifest.csv.")],
+    checkpoint: Annotated[Path, typer.Option(help="DR-grade conditional checkpoint (.safetensors) or run folder.")],
+    data: Annotated[Path, typer.Option(help="Prepared real dataset ZIP (`retinagen prepare`); its train split is counted.")],
+    target: Annotated[
+        str,
+        typer.Option(help="uniform (every grade up to the largest) | counts:G=N,... (synthetic images per grade, "
+                          "e.g. counts:0=0,1=500,2=300) | ratio:R (every grade up to R x the largest, 0 < R <= 1)."),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(help="Output folder (not inside the real data's folder): train/*.png, manifest.csv, "
+                          "trainLabels.csv + labels.csv (merged real + synthetic), rebalance_report.json."),
+    ],
+    seed: Annotated[int, typer.Option(help="Seed: same seed, same images; rerun to resume.")] = 0,
+    grader: Annotated[
+        Path | None, typer.Option(help="DR grader checkpoint (`retinagen downstream` writes them) for the quality gate.")
+    ] = None,
+    gate_threshold: Annotated[
+        float | None, typer.Option(help="Keep an image only if the grader gives its grade at least this probability [default: 0.5].")
+    ] = None,
+    max_tries_factor: Annotated[
+        float | None, typer.Option(help="With --grader: at most ceil(requested x this) tries per grade [default: 4].")
+    ] = None,
+    steer: Annotated[
+        list[str] | None,
+        typer.Option(help="Steer a code: NAME=spread (even over its range) or NAME=VALUE (fixed); NAME is a code "
+                          "(c4) or a discovered attribute (pigmentation, via the factor map). Repeatable."),
+    ] = None,
+    factors: Annotated[
+        Path | None,
+        typer.Option(help="Factor map from `retinagen discover` (default: RUN/factors.json of the checkpoint's run)."),
+    ] = None,
+    copy_real: Annotated[
+        bool, typer.Option(help="Copy the real training images into OUT/train and write the merged label files.")
+    ] = True,
+    real_root: Annotated[
+        list[Path] | None, typer.Option(help="Raw real data folder(s) OUT must not be inside (the ZIP's folder always is).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per generator / grader batch.")] = 64,
+    device: Annotated[str, typer.Option(help="Torch device for the generator and grader (cpu, cuda, cuda:1).")] = "cpu",
+    progress: Annotated[bool, typer.Option(help="Progress bars on stderr.")] = True,
 ) -> None:
-    """Generate DR-grade-controlled synthetic images to rebalance a training set."""
-    _not_built("rebalance", "issue 5: clinical modules")
+    """Generate DR-grade-controlled synthetic images to rebalance a training set (quality-gated, resumable)."""
+    from clinical.rebalance import DEFAULT_MAX_TRIES_FACTOR
+    from clinical.rebalance import rebalance as run_rebalance
+
+    if grader is None and (gate_threshold is not None or max_tries_factor is not None):
+        _usage_error("--gate-threshold and --max-tries-factor need --grader (they set its quality gate)")
+    summary = run_rebalance(
+        checkpoint,
+        data,
+        out,
+        target=target,
+        seed=seed,
+        steer=steer,
+        factors=factors,
+        grader=grader,
+        gate_threshold=0.5 if gate_threshold is None else gate_threshold,
+        max_tries_factor=DEFAULT_MAX_TRIES_FACTOR if max_tries_factor is None else max_tries_factor,
+        copy_real=copy_real,
+        real_roots=real_root or (),
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+    )
+    typer.echo("grade  real  requested  generated  tries  rejected  after")
+    for g, (r, q, n, t, x) in enumerate(zip(summary.real_counts, summary.requested, summary.generated,
+                                              summary.tries, summary.rejected, strict=True)):
+        typer.echo(f"{g:>5}  {r:>4}  {q:>9}  {n:>9}  {t:>5}  {x:>8}  {r + n:>5}")
+    for warning in summary.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(
+        f"{sum(summary.generated)} synthetic images ({summary.written} written, {summary.reused} verified and kept, "
+        f"{summary.images_per_s:.1f} img/s); report: {summary.report_path}"
+    )
+    if not summary.target_met:
+        typer.echo(
+            f"warning: target not met (shortfall per grade {summary.shortfall}); the gate rejected too many tries "
+            "-- raise --max-tries-factor or lower --gate-threshold and rerun into a new folder",
+            err=True,
+        )
 
 
 @app.command()
@@ -708,7 +781,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130
-    except Exception:  # noqa: BLE001 - the last line of defence: a bug, reported as such
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: a bug, reported as such
+        from retinagen.fileio import storage_error_message
+
+        # A full disk or an unwritable output is the machine's state, not a bug: one line, exit 2.
+        # A failed write() names no file; then the command's --out is named instead.
+        args = list(sys.argv[1:] if argv is None else argv)
+        out = next((a.split("=", 1)[1] for a in args if a.startswith("--out=")), None) or next(
+            (nxt for a, nxt in zip(args, args[1:], strict=False) if a == "--out"), None
+        )
+        if (message := storage_error_message(exc, writing=out)) is not None:
+            typer.echo(f"error: {message}", err=True)
+            return 2
         traceback.print_exc()
         typer.echo("internal error (a bug in retinagen; please report it with the traceback above)", err=True)
         return 1
