@@ -12,6 +12,7 @@ the same device.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import time
@@ -384,6 +385,9 @@ def png_bytes(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+MANIFEST_COLUMNS = ["file", "level", "synthetic", "seed", "codes", "checkpoint_sha256", "model", "created"]
+
+
 def write_generated(model: LoadedModel, out: Path, n: int, seed: int = 0, *, grade: int | None = None,
                     codes: Mapping[int, float] | None = None, batch_size: int = 64, progress: bool = True,
                     also_write: Callable[[np.ndarray, dict[str, Any]], None] | None = None) -> Path:
@@ -399,32 +403,43 @@ def write_generated(model: LoadedModel, out: Path, n: int, seed: int = 0, *, gra
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    with progress_bar(n, "generate", enabled=progress) as bar:
-        for start in range(0, n, batch_size):
-            m = min(batch_size, n - start)
-            imgs, info = generate_images(model, m, seed=seed, grade=grade, codes=codes, start=start)
-            for j in range(m):
-                name = f"seed{seed}-{start + j:06d}.png"
-                atomic_write_bytes(out / name, png_bytes(imgs[j]))
-                row = {
-                    "file": name,
-                    "level": int(info["grade"][j]),
-                    "synthetic": 1,
-                    "seed": int(info["seed"][j]),
-                    "codes": " ".join(f"{c}={v:g}" for c, v in zip(model.spec.code_names, info["values"][j], strict=True)),
-                    "checkpoint_sha256": model.sha256,
-                    "model": model.cfg.msi_name,
-                    "created": created,
-                }
-                rows.append(row)
-                if also_write is not None:
-                    also_write(imgs[j], row)
-            bar.advance(m)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "manifest.csv", buf.getvalue())
+    def write_manifest() -> None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(out / "manifest.csv", buf.getvalue())
+
+    try:
+        with progress_bar(n, "generate", enabled=progress) as bar:
+            for start in range(0, n, batch_size):
+                m = min(batch_size, n - start)
+                imgs, info = generate_images(model, m, seed=seed, grade=grade, codes=codes, start=start)
+                for j in range(m):
+                    name = f"seed{seed}-{start + j:06d}.png"
+                    atomic_write_bytes(out / name, png_bytes(imgs[j]))
+                    row = {
+                        "file": name,
+                        "level": int(info["grade"][j]),
+                        "synthetic": 1,
+                        "seed": int(info["seed"][j]),
+                        "codes": " ".join(f"{c}={v:g}" for c, v in zip(model.spec.code_names, info["values"][j], strict=True)),
+                        "checkpoint_sha256": model.sha256,
+                        "model": model.cfg.msi_name,
+                        "created": created,
+                    }
+                    rows.append(row)
+                    if also_write is not None:
+                        also_write(imgs[j], row)
+                bar.advance(m)
+    except BaseException:
+        # Every image already written stays marked synthetic: record them before the error propagates
+        # (best effort: on a full disk the manifest may not fit either).
+        if rows:
+            with contextlib.suppress(OSError):
+                write_manifest()
+        raise
+    write_manifest()
     return out / "manifest.csv"
 
 

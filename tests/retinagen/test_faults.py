@@ -507,3 +507,31 @@ def test_full_disk_in_generate(
     for p in out.iterdir():
         with Image.open(io.BytesIO(p.read_bytes())) as im:
             assert np.asarray(im).shape == (16, 16, 3)
+
+
+def test_generate_interrupted_midway_keeps_its_images_marked(
+    sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error after some images are written (here: the 3rd image fails to encode) still leaves a
+    manifest that marks every written image synthetic, so no unmarked synthetic image is left behind."""
+    import csv
+
+    from retinagen import generation
+    from retinagen.generation import load_model, write_generated
+
+    real_png, calls = generation.png_bytes, []
+
+    def flaky(img):  # noqa: ANN001, ANN202
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # a user's Ctrl-C lands here as well
+        return real_png(img)
+
+    monkeypatch.setattr(generation, "png_bytes", flaky)
+    model = load_model(sandbox.base / "ck" / "ckpt-000008.safetensors", with_discriminator=False)
+    out = tmp_path / "gen"
+    with pytest.raises(KeyboardInterrupt):
+        write_generated(model, out, 5, seed=0, progress=False)
+    rows = list(csv.DictReader((out / "manifest.csv").open()))
+    assert [(r["file"], r["synthetic"]) for r in rows] == [("seed0-000000.png", "1"), ("seed0-000001.png", "1")]
+    assert sorted(p.name for p in out.glob("*.png")) == ["seed0-000000.png", "seed0-000001.png"]
