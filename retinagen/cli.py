@@ -44,6 +44,12 @@ class TrainDataset(str, Enum):
     folder = "folder"
 
 
+class AnomalyScorerName(str, Enum):
+    mahalanobis = "mahalanobis"
+    knn = "knn"
+    fanogan = "fanogan"
+
+
 class Preset(str, Enum):
     smoke = "smoke"
     cpu = "cpu"
@@ -727,33 +733,169 @@ def downstream(
 
 @anomaly_app.command("fit")
 def anomaly_fit(
-    checkpoint: Annotated[Path, typer.Option(help="Checkpoint (.safetensors).")],
-    data: Annotated[Path, typer.Option(help="Prepared dataset ZIP of normal images.")],
-    out: Annotated[Path, typer.Option(help="Scorer output path.")],
+    checkpoint: Annotated[
+        Path, typer.Option(help="Checkpoint (.safetensors) or run folder; must hold D and Q.")
+    ],
+    data: Annotated[Path, typer.Option(help="Prepared dataset ZIP holding the reference normal images.")],
+    out: Annotated[Path, typer.Option(help="Scorer path: writes OUT.safetensors + OUT.json.")],
+    scorer: Annotated[
+        AnomalyScorerName, typer.Option(help="Density / reconstruction model.")
+    ] = AnomalyScorerName.mahalanobis,
+    fpr: Annotated[
+        float, typer.Option(help="False-positive rate the threshold is calibrated to on held-out normals.")
+    ] = 0.05,
+    normal_grades: Annotated[
+        str,
+        typer.Option(help="Labels that count as normal, comma separated, or 'all' (unlabelled data: all)."),
+    ] = "0",
+    split: Annotated[
+        str | None, typer.Option(help="Use only this split of the ZIP: train, val or test.")
+    ] = None,
+    calibration_fraction: Annotated[
+        float, typer.Option(help="Share of the normals held out for calibration.")
+    ] = 0.25,
+    max_images: Annotated[
+        int | None, typer.Option(help="Use at most this many normals (seeded subset).")
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the fit/calibration split (and of f-AnoGAN's encoder).")
+    ] = 0,
+    option: Annotated[
+        list[str] | None,
+        typer.Option("--option", help="Scorer option KEY=VALUE, e.g. --option k=10, --option steps=50"),
+    ] = None,
 ) -> None:
-    """Fit an anomaly scorer on normal images."""
-    _not_built("anomaly fit", "issue 5: clinical modules")
+    """Fit an anomaly scorer on normal images and calibrate its threshold."""
+    from clinical.anomaly import fit_scorer, parse_options
+    from retinagen.generation import load_model
+
+    grades = (
+        None if normal_grades.strip().lower() == "all" else _parse_int_list(normal_grades, "--normal-grades")
+    )
+    model = load_model(checkpoint, with_discriminator=True)
+    fitted = fit_scorer(
+        model,
+        data,
+        method=scorer.value,
+        options=parse_options(option),
+        fpr=fpr,
+        normal_grades=grades,
+        split=split,
+        calibration_fraction=calibration_fraction,
+        seed=seed,
+        max_images=max_images,
+    )
+    meta = fitted.save(out)
+    info = fitted.info
+    typer.echo(
+        f"fitted {scorer.value} on {info['n_fit']} normal images ({info['normals']}), threshold {fitted.threshold:.4g} "
+        f"calibrated on {info['n_calibration']} held-out normals (FPR there {info['calibration_fpr']:.3f}, target {fpr:g}); "
+        f"wrote {meta} and {meta.with_suffix('.safetensors')}"
+    )
+
+
+def _parse_int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise RetinagenError(f"{flag} must be comma-separated integers or 'all', got {text!r}") from None
 
 
 @anomaly_app.command("score")
 def anomaly_score(
-    scorer: Annotated[Path, typer.Option(help="Scorer written by `anomaly fit`.")],
-    images: Annotated[list[Path], typer.Argument(help="PNG/JPEG/DICOM files or folders.")],
-    out: Annotated[Path, typer.Option(help="Output CSV.")],
+    scorer: Annotated[
+        Path, typer.Option(help="Scorer written by `anomaly fit` (OUT, OUT.json or OUT.safetensors).")
+    ],
+    images: Annotated[
+        list[Path], typer.Argument(help="PNG/JPEG/DICOM files or folders (searched recursively).")
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Output CSV: file, flag, score, percentile, threshold, top_features, reason.")
+    ],
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="The checkpoint the scorer was fitted on (default: the path it recorded)."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images scored per batch.")] = 64,
 ) -> None:
-    """Score images: anomaly score, percentile among normals, flag."""
-    _not_built("anomaly score", "issue 5: clinical modules")
+    """Score images: anomaly score, percentile among normals, flag, and the features that drove it."""
+    from collections import Counter
+
+    from clinical.anomaly import expand_inputs, load_scorer, load_scorer_model, score_files, write_scores_csv
+
+    fitted = load_scorer(scorer)
+    if not expand_inputs(images):
+        raise RetinagenError("no image or DICOM files found in the given paths")
+    model = load_scorer_model(fitted, checkpoint)
+    results = score_files(fitted, model, images, batch_size=batch_size)
+    write_scores_csv(results, out, fitted.threshold)
+    n = Counter(r.flag for r in results)
+    typer.echo(
+        f"scored {len(results)} files with {fitted.method.name}: {n['anomaly']} anomalous, {n['normal']} normal, "
+        f"{n['no_fundus']} with no detectable fundus (not scored), {n['unreadable']} unreadable; wrote {out}"
+    )
 
 
 @anomaly_app.command("evaluate")
 def anomaly_evaluate(
     scorer: Annotated[Path, typer.Option(help="Scorer written by `anomaly fit`.")],
-    normal: Annotated[Path, typer.Option(help="Folder of normal images.")],
-    abnormal: Annotated[Path, typer.Option(help="Folder of abnormal images.")],
+    normal: Annotated[Path, typer.Option(help="Folder of normal images (PNG/JPEG/DICOM).")],
+    abnormal: Annotated[Path, typer.Option(help="Folder of abnormal images (PNG/JPEG/DICOM).")],
     out: Annotated[Path, typer.Option(help="REPORT.json")],
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="The checkpoint the scorer was fitted on (default: the path it recorded)."),
+    ] = None,
 ) -> None:
-    """Report AUROC, AUPR and F1 of a scorer."""
-    _not_built("anomaly evaluate", "issue 5: clinical modules")
+    """Report image AUROC, AUPR and F1 at the calibrated threshold (no-fundus images count as flagged)."""
+    from clinical.anomaly import evaluate as evaluate_scorer
+    from clinical.anomaly import load_scorer, load_scorer_model
+    from retinagen.fileio import atomic_write_json
+
+    for flag, folder in (("--normal", normal), ("--abnormal", abnormal)):
+        if not folder.is_dir():
+            raise RetinagenError(f"{flag} {folder}: not a folder")
+    fitted = load_scorer(scorer)
+    model = load_scorer_model(fitted, checkpoint)
+    report = evaluate_scorer(fitted, [normal], [abnormal], model=model)
+    atomic_write_json(out, report)
+    m = report["metrics"]
+    if m["auroc"] is None:
+        raise RetinagenError("nothing to evaluate: one of the folders has no scorable or no-fundus images")
+    typer.echo(
+        f"AUROC {m['auroc']:.3f}, AUPR {m['aupr']:.3f}, F1 {m['f1']:.3f} at threshold {fitted.threshold:.4g} "
+        f"(TPR {m['tpr']:.3f}, FPR {m['fpr']:.3f}) on {m['n_normal']} normal / {m['n_abnormal']} abnormal images; "
+        f"wrote {out}"
+    )
+
+
+@anomaly_app.command("benchmark")
+def anomaly_benchmark(
+    checkpoint: Annotated[
+        Path, typer.Option(help="Checkpoint (.safetensors) or run folder of a fundus model.")
+    ],
+    data: Annotated[
+        Path, typer.Option(help="Prepared, DR-graded fundus ZIP (e.g. the run's synthetic data).")
+    ],
+    out: Annotated[Path, typer.Option(help="REPORT.json (a Markdown table REPORT.md is written beside it).")],
+    scorers: Annotated[str, typer.Option(help="Comma-separated scorers.")] = "mahalanobis,knn,fanogan",
+    max_per_type: Annotated[
+        int | None, typer.Option(help="Cap every image set (bounds f-AnoGAN's time).")
+    ] = None,
+    fpr: Annotated[float, typer.Option(help="Calibrated false-positive rate.")] = 0.05,
+    seed: Annotated[int, typer.Option(help="Seed of subsets, corruptions and crops.")] = 0,
+) -> None:
+    """AUROC per anomaly type (referable DR, faces, natural images, corrupted fundus) per scorer."""
+    from clinical.anomaly import benchmark_markdown, run_benchmark
+    from retinagen.fileio import atomic_write_json, atomic_write_text
+
+    names = tuple(s.strip() for s in scorers.split(",") if s.strip())
+    result = run_benchmark(checkpoint, data, scorers=names, fpr=fpr, seed=seed, max_per_type=max_per_type)
+    atomic_write_json(out, result)
+    md = benchmark_markdown(result)
+    atomic_write_text(out.with_suffix(".md"), md)
+    typer.echo(md)
+    typer.echo(f"wrote {out} and {out.with_suffix('.md')}")
 
 
 @app.command()

@@ -178,3 +178,6 @@ def test_smoke_preset_synthesises_its_own_data(tmp_path: Path) -> None:
     assert summary.last_checkpoint is not None
     zips = list((tmp_path / "run" / "data").glob("*.zip"))
     assert len(zips) == 1
+    # Rendered above the model's 16 px: the FOV detector keeps (nearly) every image, frame-cut ones included.
+    report = json.loads(zips[0].with_suffix(".report.json").read_text())
+    assert report["n_seen"] == 64 and report["n_kept"] >= 62, report["rejected_by_reason"]
