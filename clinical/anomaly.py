@@ -925,7 +925,7 @@ def load_scorer(path: str | Path, model: LoadedModel | None = None) -> AnomalySc
         scorer = AnomalyScorer(
             method=method,
             checkpoint_sha256=str(meta["checkpoint_sha256"]),
-            checkpoint_path=str(meta.get("checkpoint_path", "")),
+            checkpoint_path=_resolve_recorded(str(meta.get("checkpoint_path", "")), json_path.parent),
             resolution=int(meta["resolution"]),
             ben_graham=bool(meta.get("ben_graham", False)),
             groups=groups,
@@ -945,6 +945,14 @@ def load_scorer(path: str | Path, model: LoadedModel | None = None) -> AnomalySc
     if model is not None:
         scorer.check_model(model)
     return scorer
+
+
+def _resolve_recorded(path: str, base: Path) -> str:
+    """A recorded checkpoint path; a relative one (a shipped, relocatable model folder) is relative to
+    the scorer's own folder."""
+    if path and not Path(path).is_absolute():
+        return str((base / path).resolve())
+    return path
 
 
 def load_scorer_model(

@@ -1,0 +1,139 @@
+"""Build the shipped model folder from a finished run: ``python -m retinagen.assets.make_shipped --run RUN``.
+
+What goes in (everything data only, about 15 MB):
+    checkpoints/ckpt-<step>.safetensors + .json   G_ema and D (with Q) of the run's newest checkpoint; the
+                                                  training-only tensors (G, optimizer moments, RNG) are
+                                                  dropped, so it generates and scores but cannot resume
+    config.json, metrics.jsonl                    the run's resolved config and training log
+    samples/                                      the newest fixed-seed sample grid and the reals grid
+    data/<name>.zip                               the run's prepared synthetic training data (32 px)
+    factors.json                                  `retinagen discover` on the shipped checkpoint
+    anomaly/scorer.safetensors + .json            `retinagen anomaly fit` (Mahalanobis) on that data
+    RECIPE.md                                     the commands, the run's time and the sizes
+
+The run must be an InfoStyleGAN trained on the built-in synthetic data (that is what the README
+documents); the discovery and the scorer are recomputed here, so they always match the shipped tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from retinagen.errors import RetinagenError
+from retinagen.fileio import atomic_write_text
+from retinagen.training.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
+
+KEEP_PREFIXES = ("G_ema.", "D.")
+TRAINING_ONLY_META = ("opt_G", "opt_D", "param_groups")
+
+
+def _copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, dst)
+
+
+def make_shipped(run: Path, out: Path, *, discover_n: int = 48) -> Path:
+    """Write the shipped folder ``out`` from ``run`` (replaced whole, via a sibling temporary folder)."""
+    from clinical.anomaly import fit_scorer
+    from retinagen.generation import load_model
+    from retinagen.metrics.discovery import discover_factors, format_table, save_factor_map
+
+    run = Path(run)
+    ck_json = latest_valid_checkpoint(run / "checkpoints")
+    if ck_json is None:
+        raise RetinagenError(f"{run}: no complete checkpoint")
+    zips = sorted((run / "data").glob("*.zip"))
+    if len(zips) != 1:
+        raise RetinagenError(f"{run}/data: expected the one prepared ZIP of the built-in data, found {len(zips)}")
+    ck = load_checkpoint(ck_json)
+    if ck.meta.get("config", {}).get("data", {}).get("dataset") != "synthfundus":
+        raise RetinagenError(f"{run}: the shipped model must be trained on the built-in synthetic data")
+
+    tmp = out.parent / f".{out.name}.building"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "checkpoints").mkdir(parents=True)
+    tensors = {k: v for k, v in ck.tensors.items() if k.startswith(KEEP_PREFIXES)}
+    meta = {k: v for k, v in ck.meta.items() if k not in TRAINING_ONLY_META and k not in
+            ("schema_version", "tensors_file", "tensors_sha256", "created", "torch_version")}
+    meta["inference_only"] = True
+    meta["source_checkpoint_sha256"] = ck.meta.get("tensors_sha256")
+    save_checkpoint(tmp / "checkpoints" / Path(ck_json).stem, tensors, meta)
+
+    for name in ("config.json", "metrics.jsonl"):
+        _copy(run / name, tmp / name)
+    fakes = sorted((run / "samples").glob("fakes-*.png"))
+    for p in [*fakes[-1:], run / "samples" / "reals.png"]:
+        if p.is_file():
+            _copy(p, tmp / "samples" / p.name)
+    _copy(zips[0], tmp / "data" / zips[0].name)
+    report = zips[0].with_suffix(".report.json")
+    if report.is_file():
+        _copy(report, tmp / "data" / report.name)
+
+    t0 = time.perf_counter()
+    model = load_model(tmp, with_discriminator=True)
+    result = discover_factors(model, n=discover_n, seed=0, progress=True)
+    save_factor_map(result, tmp / "factors.json")
+    t_discover = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scorer = fit_scorer(model, tmp / "data" / zips[0].name)
+    json_path = scorer.save(tmp / "anomaly" / "scorer")
+    # Record the checkpoint relative to the scorer, so the folder works wherever it is installed.
+    sj = json.loads(json_path.read_text(encoding="utf-8"))
+    sj["checkpoint_path"] = f"../checkpoints/{Path(ck_json).stem}.safetensors"
+    atomic_write_text(json_path, json.dumps(sj, indent=2) + "\n")
+    t_scorer = time.perf_counter() - t0
+
+    size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+    recipe = f"""# The shipped model
+
+Built {time.strftime('%Y-%m-%d', time.gmtime())} by `python -m retinagen.assets.make_shipped --run {run.name}`
+from a run made with the README's documented command:
+
+```bash
+retinagen train --dataset synthfundus --preset cpu --kimg {ck.meta.get('kimg'):g} --out runs/{run.name}
+```
+
+- Model: {ck.meta.get('msi')} at {ck.meta['config']['model']['resolution']} px, step {ck.meta.get('step')},
+  {ck.meta.get('kimg'):g} kimg; G_ema and D (with Q) only (training state dropped).
+- Factor map: `retinagen discover --n {discover_n}` on the shipped checkpoint ({t_discover:.0f} s).
+- Anomaly scorer: Mahalanobis (Ledoit-Wolf) on the grade-0 training images ({t_scorer:.0f} s).
+- Size: {size / 2**20:.1f} MiB in all.
+
+Assigned factors:
+
+```
+{format_table(result, top=None, assigned_only=True)}
+```
+"""
+    atomic_write_text(tmp / "RECIPE.md", recipe)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from retinagen.assets import __file__ as assets_init
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", type=Path, required=True, help="finished run folder (synthfundus, cpu preset)")
+    ap.add_argument("--out", type=Path, default=Path(assets_init).parent / "shipped")
+    ap.add_argument("--discover-n", type=int, default=48)
+    args = ap.parse_args(argv)
+    try:
+        out = make_shipped(args.run, args.out, discover_n=args.discover_n)
+    except RetinagenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": str(out), "files": sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

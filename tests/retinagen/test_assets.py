@@ -1,0 +1,77 @@
+"""The shipped model: how it is built (make_shipped) and that the copy inside the package works."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from retinagen.config import load_run_config, parse_overrides
+from retinagen.errors import CheckpointError, RetinagenError
+from retinagen.training.checkpoint import latest_valid_checkpoint, load_checkpoint
+from retinagen.training.loop import train
+
+
+@pytest.fixture(scope="module")
+def smoke_run(synth_zip_16: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("ship") / "run"
+    cfg = load_run_config("synthfundus", preset="smoke", overrides=parse_overrides([f"data.path={synth_zip_16}"]))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(cfg, run, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    (run / "data").mkdir(exist_ok=True)
+    shutil.copy(synth_zip_16, run / "data" / synth_zip_16.name)
+    return run
+
+
+def test_make_shipped_builds_a_relocatable_inference_only_folder(smoke_run: Path, tmp_path: Path) -> None:
+    from clinical.anomaly import load_scorer, load_scorer_model
+    from retinagen.assets.make_shipped import make_shipped
+    from retinagen.generation import generate_images, load_model
+    from retinagen.metrics.discovery import load_factor_map
+
+    built = make_shipped(smoke_run, tmp_path / "shipped", discover_n=4)
+    moved = Path(shutil.move(str(built), tmp_path / "elsewhere"))  # as if installed somewhere else
+    ck = load_checkpoint(latest_valid_checkpoint(moved / "checkpoints"))
+    assert ck.has("G_ema") and ck.has("D") and not ck.has("G")
+    assert not any(k.startswith(("opt", "rng")) for k in ck.tensors) and ck.meta["inference_only"] is True
+    model = load_model(moved)
+    imgs, _ = generate_images(model, 2, seed=0)
+    assert imgs.shape[0] == 2
+    assert load_factor_map(moved / "factors.json")["checkpoint_sha256"] == model.sha256
+    scorer = load_scorer(moved / "anomaly" / "scorer")
+    assert load_scorer_model(scorer).sha256 == model.sha256  # its recorded checkpoint path is relative
+    assert "retinagen train --dataset synthfundus --preset cpu" in (moved / "RECIPE.md").read_text()
+    with pytest.raises(CheckpointError):  # training state was dropped: resuming says so
+        train(load_run_config("synthfundus", preset="smoke"), moved, resume=True, progress=False)
+
+
+def test_make_shipped_refuses_runs_it_cannot_ship(tmp_path: Path, smoke_run: Path) -> None:
+    from retinagen.assets.make_shipped import make_shipped
+
+    with pytest.raises(RetinagenError, match="no complete checkpoint"):
+        make_shipped(tmp_path, tmp_path / "out")
+    no_data = Path(shutil.copytree(smoke_run, tmp_path / "nodata"))
+    shutil.rmtree(no_data / "data")
+    with pytest.raises(RetinagenError, match="prepared ZIP"):
+        make_shipped(no_data, tmp_path / "out")
+
+
+def test_the_shipped_model_in_the_package_works() -> None:
+    from clinical.anomaly import load_scorer, load_scorer_model
+    from retinagen.assets import shipped_run_dir
+    from retinagen.generation import generate_images, load_model
+
+    run = shipped_run_dir()
+    size = sum(p.stat().st_size for p in run.rglob("*") if p.is_file())
+    assert size < 20 * 2**20
+    model = load_model(run)
+    assert model.cfg.msi == (1, 1.0, 0) and model.D is not None
+    imgs, _ = generate_images(model, 2, seed=0, grade=2)
+    assert imgs.shape[1:] == (32, 32, 3)
+    assert load_scorer_model(load_scorer(run / "anomaly" / "scorer")).sha256 == model.sha256
