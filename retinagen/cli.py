@@ -899,9 +899,40 @@ def anomaly_benchmark(
 
 
 @app.command()
-def dashboard(run: Annotated[Path | None, typer.Option(help="Run folder (default: the shipped model).")] = None) -> None:
-    """Open the Streamlit dashboard."""
-    _not_built("dashboard", "issue 6: the Streamlit dashboard")
+def dashboard(
+    run: Annotated[Path | None, typer.Option(help="Run folder or checkpoint (default: the shipped model).")] = None,
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8501,
+    host: Annotated[
+        str, typer.Option(help="Address to bind. The default keeps it on this machine: the dashboard has no login.")
+    ] = "127.0.0.1",
+    data: Annotated[
+        list[Path] | None, typer.Option(help="Prepared dataset ZIP for the Rebalance page (repeatable).")
+    ] = None,
+) -> None:
+    """Serve the Streamlit dashboard (Controls, Review, Rebalance, Anomaly, Training & metrics); Ctrl+C stops it."""
+    import importlib.util
+    import subprocess
+
+    from retinagen.dashboard_api import resolve_run_dir, streamlit_command
+    from retinagen.errors import BadInputError
+
+    if importlib.util.find_spec("streamlit") is None:
+        raise RetinagenError("the dashboard needs Streamlit, which is not installed: pip install streamlit")
+    run_dir = resolve_run_dir(run)  # a bad --run fails here, with its reason, before a server starts
+    for d in data or []:
+        if not d.is_file():
+            raise BadInputError(d, "dataset ZIP not found")
+    cmd = streamlit_command(None if run is None else run.resolve(), port=port, host=host,
+                            data=[d.resolve() for d in data or []])
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    typer.echo(f"retinagen dashboard: {run_dir} on {url}")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"warning: listening on {host}: anyone who can reach it can use the dashboard (no login)", err=True)
+    try:
+        code = subprocess.call(cmd)
+    except KeyboardInterrupt:
+        code = 0
+    raise typer.Exit(code=code)
 
 
 # --------------------------------------------------------------------------------------------------
