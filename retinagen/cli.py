@@ -928,6 +928,12 @@ def dashboard(
     typer.echo(f"retinagen dashboard: {run_dir} on {url}")
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: listening on {host}: anyone who can reach it can use the dashboard (no login)", err=True)
+    if os.name == "posix":
+        # The server replaces this process, so a SIGTERM from a supervisor (or Ctrl+C) reaches it directly and no
+        # orphaned server is left behind.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(cmd[0], cmd)
     try:
         code = subprocess.call(cmd)
     except KeyboardInterrupt:
