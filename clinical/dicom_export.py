@@ -55,6 +55,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 
 from retinagen import __version__
+from retinagen.data.dicom import element_text
 from retinagen.errors import BadInputError, DicomError
 from retinagen.fileio import atomic_write_with
 
@@ -879,13 +880,13 @@ def export_derived_dicom(
         "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
         "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName",
     ):  # fmt: skip
-        setattr(ds, keyword, _plain(clean, keyword))
+        setattr(ds, keyword, element_text(clean, keyword))
     ds.ContentDate = _da(when)
     ds.ContentTime = _tm(when)
-    modality = _plain(clean, "Modality").upper()
+    modality = element_text(clean, "Modality").upper()
     ds.Modality = modality if modality else "OT"
     for keyword in ("ImageLaterality", "Laterality", "BodyPartExamined"):
-        value = _plain(clean, keyword)
+        value = element_text(clean, keyword)
         if value:
             setattr(ds, keyword, value)
     for keyword in (
@@ -1055,13 +1056,6 @@ def _read_header(path: Path) -> Dataset:
             raise DicomError(path, f"malformed DICOM header ({type(exc).__name__})") from None
 
 
-def _plain(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword, None)
-    if value is None:
-        return ""
-    if isinstance(value, MultiValue):
-        value = value[0] if len(value) else ""
-    return str(value).strip()
 
 
 # --- helpers: de-identification ------------------------------------------------------------------

@@ -403,8 +403,9 @@ def _peek_tag(f: BinaryIO, *, little_endian: bool) -> int | None:
     return (group << 16) | elem
 
 
-def _text(ds: Dataset, keyword: str) -> str:
-    """A short CS/UI value as a stripped upper-case-preserving string ('' when absent/empty)."""
+def element_text(ds: Dataset, keyword: str) -> str:
+    """A short CS/UI value as a stripped, case-preserving string ('' when absent/empty; a multi-valued
+    element gives its first value). Use it only on technical elements: it converts the value."""
     value = ds.get(keyword, None)
     if value is None:
         return ""
@@ -414,7 +415,7 @@ def _text(ds: Dataset, keyword: str) -> str:
 
 
 def _check_modality(p: Path, ds: Dataset) -> str:
-    modality = _text(ds, "Modality").upper()
+    modality = element_text(ds, "Modality").upper()
     if modality == "" or modality in FUNDUS_MODALITIES:
         return modality
     if modality in _MODALITY_NAMES:
@@ -425,7 +426,7 @@ def _check_modality(p: Path, ds: Dataset) -> str:
 
 
 def _check_sop_class(p: Path, ds: Dataset) -> str:
-    sop = _text(ds, "SOPClassUID")
+    sop = element_text(ds, "SOPClassUID")
     if not sop:
         sop = str(getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID", "") or "").strip()
     if not sop:
@@ -510,7 +511,7 @@ def _check_pixel_module(p: Path, ds: Dataset, max_pixels: int) -> _Geometry:
     n_frames = _int(p, ds, "NumberOfFrames", "(0028,0008)", default=1)
     n_frames = max(n_frames, 1)  # 0 is non-conformant but common; pydicom treats it as 1 too
 
-    photometric = _text(ds, "PhotometricInterpretation").upper()
+    photometric = element_text(ds, "PhotometricInterpretation").upper()
     if not photometric:
         raise DicomError(p, "Photometric Interpretation (0028,0004) is missing")
     if photometric not in _KNOWN_PHOTOMETRIC:
@@ -584,7 +585,7 @@ def _laterality(ds: Dataset) -> str:
     """'L' or 'R' from Image Laterality (0020,0062), else Laterality (0020,0060); '' otherwise."""
     for keyword in ("ImageLaterality", "Laterality"):
         try:
-            value = _text(ds, keyword).upper()
+            value = element_text(ds, keyword).upper()
         except Exception:
             continue
         if value in ("L", "R"):
