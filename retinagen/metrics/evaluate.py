@@ -106,6 +106,20 @@ def discretise_factor(values: np.ndarray, bins: int) -> tuple[np.ndarray, dict[s
     return classes, {"kind": "quantile", "bins": bins, "edges": edges.tolist()}
 
 
+def _per_image_table(block: Any, names_in_zip: Sequence[str]) -> tuple[list[str], np.ndarray] | None:
+    """``dataset.json``'s ``{"names": [...], "values": {file: [...]}}`` block -> (names, [N, K] float64,
+    NaN where a file has no row or a malformed one); None when the block is absent or not that shape."""
+    if not (isinstance(block, dict) and isinstance(block.get("names"), list) and isinstance(block.get("values"), dict)):
+        return None
+    names = [str(x) for x in block["names"]]
+    arr = np.full((len(names_in_zip), len(names)), np.nan)
+    for r, fname in enumerate(names_in_zip):
+        v = block["values"].get(fname)
+        if isinstance(v, list) and len(v) == len(names):
+            arr[r] = np.asarray(v, dtype=np.float64)
+    return names, arr
+
+
 def real_attribute_labels(
     dataset: Any, factor_bins: int = 4
 ) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, Any]]:
@@ -116,7 +130,6 @@ def real_attribute_labels(
     images, grade -1, are left out). ``how`` maps each column to its description.
     """
     meta = dataset.meta if isinstance(getattr(dataset, "meta", None), dict) else {}
-    n = len(dataset)
     names_in_zip = list(dataset.names)
     cols: list[np.ndarray] = []  # float columns with NaN for missing
     names: list[str] = []
@@ -127,35 +140,15 @@ def real_attribute_labels(
         cols.append(np.where(labels >= 0, labels, np.nan))
         names.append("dr_grade")
         how["dr_grade"] = {"kind": "label", "num_classes": int(dataset.num_classes)}
-    attrs = meta.get("attrs")
-    if (
-        isinstance(attrs, dict)
-        and isinstance(attrs.get("names"), list)
-        and isinstance(attrs.get("values"), dict)
-    ):
-        anames = [str(a) for a in attrs["names"]]
-        arr = np.full((n, len(anames)), np.nan)
-        for r, fname in enumerate(names_in_zip):
-            v = attrs["values"].get(fname)
-            if isinstance(v, list) and len(v) == len(anames):
-                arr[r] = np.asarray(v, dtype=np.float64)
+    if (table := _per_image_table(meta.get("attrs"), names_in_zip)) is not None:
+        anames, arr = table
         for j, a in enumerate(anames):
             cols.append(arr[:, j])
             names.append(a)
             how[a] = {"kind": "attribute"}
-    factors = meta.get("factors")
     factor_cols: list[tuple[str, np.ndarray]] = []
-    if (
-        isinstance(factors, dict)
-        and isinstance(factors.get("names"), list)
-        and isinstance(factors.get("values"), dict)
-    ):
-        fnames = [str(f) for f in factors["names"]]
-        arr = np.full((n, len(fnames)), np.nan)
-        for r, fname in enumerate(names_in_zip):
-            v = factors["values"].get(fname)
-            if isinstance(v, list) and len(v) == len(fnames):
-                arr[r] = np.asarray(v, dtype=np.float64)
+    if (table := _per_image_table(meta.get("factors"), names_in_zip)) is not None:
+        fnames, arr = table
         for j, f in enumerate(fnames):
             if "seed" in f.lower() or (f == "grade" and has_grade):
                 continue
