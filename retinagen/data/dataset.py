@@ -18,6 +18,7 @@ import json
 import os
 import struct
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,20 @@ def _read_json_member(zf: zipfile.ZipFile, path: Path) -> tuple[dict[str, Any], 
     if labels is not None and not _valid_label_pairs(labels):
         raise RetinagenError(f"{path}: dataset.json 'labels' must be null or a list of [name, int] pairs")
     return meta, raw
+
+
+def per_image_table(block: Any, names_in_zip: Sequence[str]) -> tuple[list[str], np.ndarray] | None:
+    """``dataset.json``'s ``{"names": [...], "values": {file: [...]}}`` block -> (names, [N, K] float64,
+    NaN where a file has no row or a malformed one); None when the block is absent or not that shape."""
+    if not (isinstance(block, dict) and isinstance(block.get("names"), list) and isinstance(block.get("values"), dict)):
+        return None
+    names = [str(x) for x in block["names"]]
+    arr = np.full((len(names_in_zip), len(names)), np.nan)
+    for r, fname in enumerate(names_in_zip):
+        v = block["values"].get(fname)
+        if isinstance(v, list) and len(v) == len(names):
+            arr[r] = np.asarray(v, dtype=np.float64)
+    return names, arr
 
 
 def read_dataset_json(path: str | Path) -> dict[str, Any]:

@@ -298,19 +298,11 @@ def encoder_training_targets(dataset: Any, indices: list[int], n_fit: int | None
         grades = labels.astype(np.int64)
         fields["num_classes"] = int(dataset.num_classes)
 
+    from retinagen.data.dataset import per_image_table
+
     factors = None
-    fmeta = meta.get("factors")
-    if (
-        isinstance(fmeta, dict)
-        and isinstance(fmeta.get("names"), list)
-        and isinstance(fmeta.get("values"), dict)
-    ):
-        all_names = [str(n) for n in fmeta["names"]]
-        raw = np.full((len(names), len(all_names)), np.nan, dtype=np.float64)
-        for r, n in enumerate(names):
-            v = fmeta["values"].get(n)
-            if isinstance(v, list) and len(v) == len(all_names):
-                raw[r] = np.asarray(v, dtype=np.float64)
+    if (table := per_image_table(meta.get("factors"), names)) is not None:
+        all_names, raw = table
         keep, mean, std = [], [], []
         for j, fname in enumerate(all_names):
             col = raw[:n_fit, j][np.isfinite(raw[:n_fit, j])]
@@ -327,18 +319,10 @@ def encoder_training_targets(dataset: Any, indices: list[int], n_fit: int | None
             fields.update(factor_names=[all_names[j] for j in keep], factor_mean=mean, factor_std=std)
 
     attrs = None
-    ameta = meta.get("attrs")
-    if (
-        isinstance(ameta, dict)
-        and isinstance(ameta.get("names"), list)
-        and isinstance(ameta.get("values"), dict)
-    ):
-        anames = [str(n) for n in ameta["names"]]
-        arr = np.full((len(names), len(anames)), np.nan, dtype=np.float32)
-        for r, n in enumerate(names):
-            v = ameta["values"].get(n)
-            if isinstance(v, list) and len(v) == len(anames):
-                arr[r] = (np.asarray(v, dtype=np.float32) > 0).astype(np.float32)
+    if (table := per_image_table(meta.get("attrs"), names)) is not None:
+        anames, values = table
+        # Binary targets (CelebA's -1/1): 1 where > 0, 0 otherwise, NaN where a file has no row.
+        arr = np.where(np.isfinite(values), values > 0, np.nan).astype(np.float32)
         if np.isfinite(arr[:n_fit]).any():
             attrs = arr
             fields["attr_names"] = anames

@@ -106,20 +106,6 @@ def discretise_factor(values: np.ndarray, bins: int) -> tuple[np.ndarray, dict[s
     return classes, {"kind": "quantile", "bins": bins, "edges": edges.tolist()}
 
 
-def _per_image_table(block: Any, names_in_zip: Sequence[str]) -> tuple[list[str], np.ndarray] | None:
-    """``dataset.json``'s ``{"names": [...], "values": {file: [...]}}`` block -> (names, [N, K] float64,
-    NaN where a file has no row or a malformed one); None when the block is absent or not that shape."""
-    if not (isinstance(block, dict) and isinstance(block.get("names"), list) and isinstance(block.get("values"), dict)):
-        return None
-    names = [str(x) for x in block["names"]]
-    arr = np.full((len(names_in_zip), len(names)), np.nan)
-    for r, fname in enumerate(names_in_zip):
-        v = block["values"].get(fname)
-        if isinstance(v, list) and len(v) == len(names):
-            arr[r] = np.asarray(v, dtype=np.float64)
-    return names, arr
-
-
 def real_attribute_labels(
     dataset: Any, factor_bins: int = 4
 ) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, Any]]:
@@ -129,6 +115,8 @@ def real_attribute_labels(
     factors discretised with `discretise_factor`. Rows: the images that have every column (unlabelled
     images, grade -1, are left out). ``how`` maps each column to its description.
     """
+    from retinagen.data.dataset import per_image_table
+
     meta = dataset.meta if isinstance(getattr(dataset, "meta", None), dict) else {}
     names_in_zip = list(dataset.names)
     cols: list[np.ndarray] = []  # float columns with NaN for missing
@@ -140,14 +128,14 @@ def real_attribute_labels(
         cols.append(np.where(labels >= 0, labels, np.nan))
         names.append("dr_grade")
         how["dr_grade"] = {"kind": "label", "num_classes": int(dataset.num_classes)}
-    if (table := _per_image_table(meta.get("attrs"), names_in_zip)) is not None:
+    if (table := per_image_table(meta.get("attrs"), names_in_zip)) is not None:
         anames, arr = table
         for j, a in enumerate(anames):
             cols.append(arr[:, j])
             names.append(a)
             how[a] = {"kind": "attribute"}
     factor_cols: list[tuple[str, np.ndarray]] = []
-    if (table := _per_image_table(meta.get("factors"), names_in_zip)) is not None:
+    if (table := per_image_table(meta.get("factors"), names_in_zip)) is not None:
         fnames, arr = table
         for j, f in enumerate(fnames):
             if "seed" in f.lower() or (f == "grade" and has_grade):
