@@ -23,15 +23,25 @@ from retinagen.training.ema import ema_beta, update_ema
 
 def _tensors() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return {"G.w": torch.randn(3, 4, generator=g), "D.b": torch.arange(5.0), "rng.cpu": torch.get_rng_state()}
+    # A generator state taken after draws (not a fresh one), so a wrong byte or length shows.
+    return {"G.w": torch.randn(3, 4, generator=g), "D.b": torch.arange(5.0), "rng.cpu": g.get_state()}
 
 
 def test_round_trip_and_hash(tmp_path: Path) -> None:
-    meta_path = save_checkpoint(tmp_path / "ckpt-000010", _tensors(), {"step": 10, "config": {"a": 1}})
+    saved = _tensors()
+    meta_path = save_checkpoint(tmp_path / "ckpt-000010", saved, {"step": 10, "config": {"a": 1}})
     ck = load_checkpoint(meta_path)
     assert ck.meta["step"] == 10 and ck.meta["schema_version"] == 1
-    assert torch.equal(ck.module_state("G")["w"], _tensors()["G.w"])
-    assert torch.equal(ck.tensors["rng.cpu"], torch.get_rng_state()) or ck.tensors["rng.cpu"].dtype == torch.uint8
+    assert torch.equal(ck.module_state("G")["w"], saved["G.w"])
+    # Every tensor comes back with its dtype, shape and values: an RNG state (uint8) restores the stream.
+    assert sorted(ck.tensors) == sorted(saved)
+    for key, value in saved.items():
+        assert ck.tensors[key].dtype == value.dtype and torch.equal(ck.tensors[key], value), key
+    restored = torch.Generator()
+    restored.set_state(ck.tensors["rng.cpu"])
+    expected = torch.Generator()
+    expected.set_state(saved["rng.cpu"])
+    assert torch.equal(torch.randn(8, generator=restored), torch.randn(8, generator=expected))
     # The same checkpoint is reachable from the tensor file's path.
     assert load_checkpoint(tmp_path / "ckpt-000010.safetensors").meta["step"] == 10
 
