@@ -17,8 +17,12 @@ Safety
     * The header is read first with ``stop_before_pixels=True`` (``force=False``: a file without the
       DICM preamble is refused) and every check below runs on it before a byte of pixel data is
       decoded. Rows x Columns is bounded (``max_pixels``) so a tiny file cannot ask for gigabytes
-      (decompression bomb); a compressed frame that claims to be bigger than its header is stopped
-      by Pillow's own bomb check, which is made an error here.
+      (decompression bomb). A compressed (JPEG / JPEG 2000) frame carries its own width and height:
+      they are read from the frame's header (Pillow's ``Image.open``, which decodes nothing) and a
+      frame wider or taller than Columns x Rows is refused before the decoder allocates it. The
+      check compares numbers it was handed; it does not depend on ``warnings`` filters or
+      ``PIL.Image.MAX_IMAGE_PIXELS`` (both process-wide), so concurrent reads in other threads
+      cannot switch it off.
     * Deflated transfer syntax is refused from the file meta alone, before the zlib stream (the whole
       dataset) is inflated.
     * Only frame 0 is decoded, streamed from the open file (a 1000-frame file costs one frame).
@@ -30,12 +34,14 @@ Safety
       other value is described, never echoed. Library exception messages are not forwarded (only
       their type), because they could quote file content.
 
-`warnings.catch_warnings` is process-global; read from several threads at once only if losing
-unrelated warnings during the read is acceptable (DataLoader workers are processes, so fine).
+Threads: the size checks above are safe to run concurrently. Only the silencing of pydicom's
+warnings uses `warnings.catch_warnings`, which is process-wide: while reads overlap in several
+threads, another thread's warnings can be lost, and a pydicom warning can escape the silencing.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -51,6 +57,7 @@ import pydicom
 from PIL import Image
 from pydicom import uid as dcm_uid
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.multival import MultiValue
@@ -271,8 +278,6 @@ def read_dicom(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dic
     with warnings.catch_warnings():
         # pydicom's validation warnings can quote element values; silence them all while reading.
         warnings.simplefilter("ignore")
-        # A compressed frame far bigger than its header said: stop before Pillow allocates it.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             image = _read(p, max_pixels)
         except DicomError:
@@ -326,22 +331,13 @@ def _read(p: Path, max_pixels: int) -> DicomImage:
         geom = _check_pixel_module(p, ds, max_pixels)
         if not dcm_uid.UID(ts).is_encapsulated:
             _check_native_length(p, ts, os.fstat(f.fileno()).st_size, pixel_pos, geom)
+        elif _DECODING_PLUGIN[ts] == "pillow":
+            _check_compressed_frame_size(p, f, ds, pixel_pos, geom)
 
         try:
             arr = pixel_array(f, index=0, decoding_plugin=_DECODING_PLUGIN[ts])
         except Exception as exc:
-            # pydicom wraps plugin failures in a RuntimeError whose text lists them; Pillow's bomb
-            # check (a warning made an error above, or its own DecompressionBombError) says so there.
-            if isinstance(exc, Image.DecompressionBombWarning | Image.DecompressionBombError) or (
-                "decompression bomb" in str(exc).lower()
-            ):
-                raise DicomError(
-                    p, "compressed frame claims far more pixels than Rows x Columns (decompression bomb)"
-                ) from None
-            raise DicomError(
-                p,
-                f"pixel data could not be decoded; the file may be truncated or corrupt ({type(exc).__name__})",
-            ) from None
+            raise _undecodable(p, exc) from None
 
     rgb, max_value = _to_rgb(p, arr, ds, geom)
     info: dict[str, str | int] = {
@@ -370,6 +366,49 @@ def _read(p: Path, max_pixels: int) -> DicomImage:
         n_frames=geom.n_frames,
         info=info,
     )
+
+
+_BOMB_REASON = "compressed frame claims more pixels than Rows x Columns (decompression bomb)"
+
+
+def _undecodable(p: Path, exc: BaseException) -> DicomError:
+    # Pillow's own bomb check (at its process-wide MAX_IMAGE_PIXELS) may still fire first: say so.
+    # pydicom wraps plugin failures in a RuntimeError whose text lists them.
+    if isinstance(exc, Image.DecompressionBombWarning | Image.DecompressionBombError) or (
+        "decompression bomb" in str(exc).lower()
+    ):
+        return DicomError(p, _BOMB_REASON)
+    return DicomError(
+        p, f"pixel data could not be decoded; the file may be truncated or corrupt ({type(exc).__name__})"
+    )
+
+
+def _check_compressed_frame_size(p: Path, f: BinaryIO, ds: Dataset, pixel_pos: int, geom: _Geometry) -> None:
+    """Refuse frame 0 of JPEG / JPEG 2000 pixel data when its own header is bigger than Columns x Rows.
+
+    Pillow sizes its output buffer from the frame's header, not from the DICOM header, so a 16 x 16
+    image whose JPEG SOF says 12000 x 12000 would allocate 432 MB. ``Image.open`` parses the header
+    only; the numbers are compared here, with no process-wide setting involved.
+    """
+    # Encapsulated pixel data is always explicit VR little endian: tag, VR, 2 reserved bytes and an
+    # undefined length (0xFFFFFFFF), then the Basic Offset Table item.
+    f.seek(pixel_pos)
+    head = f.read(12)
+    if len(head) < 12 or struct.unpack("<L", head[8:12])[0] != 0xFFFFFFFF:
+        raise DicomError(p, "pixel data could not be decoded; its encapsulation is malformed")
+    offsets = None
+    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+        offsets = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+    try:
+        frame = get_frame(f, 0, number_of_frames=geom.n_frames, extended_offsets=offsets)
+        with Image.open(io.BytesIO(frame), formats=("JPEG", "JPEG2000")) as im:
+            width, height = im.size
+    except Exception as exc:
+        raise _undecodable(p, exc) from None
+    finally:
+        f.seek(pixel_pos)
+    if width > geom.columns or height > geom.rows:
+        raise DicomError(p, _BOMB_REASON)
 
 
 def _check_file_meta(p: Path) -> str:

@@ -6,6 +6,8 @@ import collections
 import logging
 import os
 import struct
+import sys
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -13,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 from pydicom import uid as dcm_uid
 from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.pixels import convert_color_space, get_decoder, pixel_array
 
 from retinagen.data.dicom import DEFAULT_MAX_PIXELS, DicomImage, read_dicom
+from retinagen.data.imageio import read_image
 from retinagen.errors import DicomError
 from tests.retinagen.data import dicom_fixtures as fx
 
@@ -293,12 +297,12 @@ def _unknown_modality(path: Path) -> Path:
     return fx.save(fx.with_pixels(ds, fx.retina_rgb(), "RGB", 8), path)
 
 
-def _jpeg_frame_bigger_than_header(path: Path) -> Path:
-    """Header says 16x16; the JPEG's SOF says 12000x12000 (144 Mpx): a decompression bomb."""
+def _jpeg_frame_bigger_than_header(path: Path, side: int = 12000) -> Path:
+    """Header says 16x16; the JPEG's SOF says side x side (default 144 Mpx): a decompression bomb."""
     rgb = fx.retina_rgb()[:16, :16].copy()
     frame = bytearray(fx.jpeg_baseline_bytes(rgb))
     sof = frame.index(b"\xff\xc0")
-    frame[sof + 5 : sof + 9] = struct.pack(">HH", 12000, 12000)
+    frame[sof + 5 : sof + 9] = struct.pack(">HH", side, side)
     ds = fx.base_dataset(sop_class=fx.OP_8BIT, transfer_syntax=dcm_uid.JPEGBaseline8Bit)
     fx.with_encapsulated(ds, [bytes(frame)], rows=16, columns=16, samples=3, photometric="YBR_FULL_422")
     return fx.save(ds, path)
@@ -325,6 +329,8 @@ REFUSALS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "huge_header": (fx.huge_header, "60000x60000 = 3600000000 pixels is larger than the limit"),
     "signed": (_signed_grey, "signed pixel data"),
     "jpeg_bomb": (_jpeg_frame_bigger_than_header, "decompression bomb"),
+    # 16 Mpx: below Pillow's own bomb limit (89 Mpx), still 65,000 times what the header declares.
+    "jpeg_bomb_below_pillow_limit": (lambda p: _jpeg_frame_bigger_than_header(p, 4000), "decompression bomb"),
     "jpeg_size_mismatch": (_jpeg_frame_smaller_than_header, "could not be decoded"),
 }
 
@@ -335,6 +341,72 @@ def test_refusals_name_file_and_reason(tmp_path: Path, case: str) -> None:
     path = builder(tmp_path / f"{case}.dcm")
     err = _refused(path)
     assert reason in err.reason
+
+
+def test_a_bomb_frame_is_refused_before_it_reaches_the_decoder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The frame's own header is compared with Rows x Columns first: Pillow never allocates the bomb."""
+    decoder = get_decoder(dcm_uid.JPEGBaseline8Bit)
+    calls: list[int] = []
+    real_pillow = decoder._available["pillow"]
+
+    def spy(src: bytes, runner: object) -> bytes:
+        calls.append(len(src))
+        return real_pillow(src, runner)
+
+    monkeypatch.setitem(decoder._available, "pillow", spy)
+    for side in (4000, 12000, 60000):
+        assert (
+            "decompression bomb"
+            in _refused(_jpeg_frame_bigger_than_header(tmp_path / f"b{side}.dcm", side)).reason
+        )
+    assert calls == []
+    _read_checked(fx.jpeg_baseline(tmp_path / "ok.dcm"))
+    assert len(calls) == 1
+
+
+def test_concurrent_reads_cannot_switch_off_each_others_bomb_check(tmp_path: Path) -> None:
+    """Dashboard uploads are decoded in threads of one process. The check must not depend on state
+    another thread's read can change (as `warnings.catch_warnings` filters are, process-wide)."""
+    bomb = _jpeg_frame_bigger_than_header(tmp_path / "bomb.dcm")
+    normal_dcm = fx.jpeg_baseline(tmp_path / "normal.dcm")
+    normal_png = tmp_path / "normal.png"
+    Image.fromarray(fx.retina_rgb()).save(normal_png)
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def keep_reading(read: Callable[[Path], object], path: Path) -> None:
+        while not stop.is_set():
+            try:
+                read(path)
+            except Exception as exc:  # reported by the main thread
+                failures.append(f"{path.name}: {exc!r}")
+                return
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # interleave the threads finely, as a loaded server would
+    # Two other sessions upload at the same time: a DICOM file and a PNG (read_image).
+    others = [
+        threading.Thread(target=keep_reading, args=(read_dicom, normal_dcm), daemon=True),
+        threading.Thread(target=keep_reading, args=(read_image, normal_png), daemon=True),
+    ]
+    try:
+        for t in others:
+            t.start()
+        reasons = []
+        for _ in range(30):
+            with pytest.raises(DicomError) as info:
+                read_dicom(bomb)
+            reasons.append(info.value.reason)
+    finally:
+        stop.set()
+        for t in others:
+            t.join(timeout=30)
+        sys.setswitchinterval(switch)
+    assert failures == []
+    bad = [r for r in reasons if "decompression bomb" not in r]
+    assert bad == [], f"{len(bad)}/{len(reasons)} bomb reads were not refused as bombs: {bad[0]}"
 
 
 def test_missing_file_and_directory(tmp_path: Path) -> None:
