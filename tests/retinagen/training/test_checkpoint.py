@@ -78,7 +78,12 @@ def test_latest_valid_skips_incomplete_and_corrupt(tmp_path: Path) -> None:
     (tmp_path / "ckpt-000003.safetensors").write_bytes(second.with_suffix(".safetensors").read_bytes())
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-000001.json", "ckpt-000002.json"]
     assert latest_valid_checkpoint(tmp_path) == second
-    # Corrupt the newest: the older one becomes the latest valid.
+    # Corrupt the newest: the older one becomes the latest valid. First a flipped byte that keeps a
+    # valid safetensors header (only the sha256 check can catch it), then bytes that are not safetensors.
+    data = bytearray(second.with_suffix(".safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    second.with_suffix(".safetensors").write_bytes(bytes(data))
+    assert latest_valid_checkpoint(tmp_path).name == "ckpt-000001.json"
     second.with_suffix(".safetensors").write_bytes(b"\x00" * 20)
     assert latest_valid_checkpoint(tmp_path).name == "ckpt-000001.json"
     assert latest_valid_checkpoint(tmp_path / "nope") is None
