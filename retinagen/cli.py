@@ -16,15 +16,59 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from retinagen.errors import RetinagenError
+from retinagen.options import (
+    Assignment,
+    AttributeList,
+    Checkpoint,
+    ConfigOverrides,
+    ConfigYaml,
+    Count,
+    CountAtLeast2,
+    Dataset,
+    DatasetZip,
+    Device,
+    FactorMap,
+    Grade,
+    GradeProbs,
+    Grader,
+    GradesOrAll,
+    JsonOutput,
+    MetricList,
+    Multiplier,
+    NonNegativeFloat,
+    NonNegativeInt,
+    OutputDir,
+    OutputFile,
+    Port,
+    PositiveFloat,
+    PreparedResolution,
+    Probability,
+    ReadableDir,
+    ReadableFile,
+    ReadablePath,
+    RebalanceTarget,
+    ReportJson,
+    RunFolder,
+    SafetensorsFile,
+    Scorer,
+    ScorerList,
+    Seed,
+    Switch,
+    SynthResolution,
+    Text,
+    UnitInterval,
+    ValidatingTyper,
+)
 
-app = typer.Typer(
+# Every command's options are validated by their kinds (retinagen.options) before the command runs.
+app = ValidatingTyper(
     name="retinagen",
     help="InfoStyleGAN for retinal fundus images: discover and control attributes, rebalance DR data, score anomalies.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-anomaly_app = typer.Typer(help="Anomaly scoring from Q-encoder and discriminator features.", no_args_is_help=True)
+anomaly_app = ValidatingTyper(help="Anomaly scoring from Q-encoder and discriminator features.", no_args_is_help=True)
 app.add_typer(anomaly_app, name="anomaly")
 
 
@@ -48,6 +92,12 @@ class AnomalyScorerName(str, Enum):
     mahalanobis = "mahalanobis"
     knn = "knn"
     fanogan = "fanogan"
+
+
+class Split(str, Enum):
+    train = "train"
+    val = "val"
+    test = "test"
 
 
 class Preset(str, Enum):
@@ -78,14 +128,14 @@ def _parse_grades(text: str | None) -> tuple[float, ...] | None:
 
 @app.command()
 def synth(
-    out: Annotated[Path, typer.Option(help="Output folder (EyePACS layout: train/*.jpeg, trainLabels.csv, factors.csv).")],
-    n: Annotated[int, typer.Option(help="Number of images.")] = 500,
-    resolution: Annotated[int, typer.Option(help="Image side in pixels (16-1024).")] = 64,
-    seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same images.")] = 0,
+    out: Annotated[OutputDir, typer.Option(help="Output folder (EyePACS layout: train/*.jpeg, trainLabels.csv, factors.csv).")],
+    n: Annotated[Count, typer.Option(help="Number of images.")] = 500,
+    resolution: Annotated[SynthResolution, typer.Option(help="Image side in pixels (16-1024).")] = 64,
+    seed: Annotated[Seed, typer.Option(help="Seed: the same seed gives the same images.")] = 0,
     grades: Annotated[
-        str | None, typer.Option(help="DR grade probabilities 0-4, comma separated (default EyePACS-like).")
+        GradeProbs | None, typer.Option(help="DR grade probabilities 0-4, comma separated (default EyePACS-like).")
     ] = None,
-    workers: Annotated[int | None, typer.Option(help="Worker processes (default: up to 2).")] = None,
+    workers: Annotated[Count | None, typer.Option(help="Worker processes (default: up to 2).")] = None,
 ) -> None:
     """Write the built-in procedural fundus dataset with ground-truth factors."""
     parsed = _parse_grades(grades)
@@ -103,13 +153,13 @@ def synth(
 @app.command()
 def prepare(
     dataset: Annotated[PrepareDataset, typer.Option(help="Source layout of --data-root.")],
-    data_root: Annotated[Path, typer.Option(help="Folder holding the raw dataset.")],
-    resolution: Annotated[int, typer.Option(help="Output image side in pixels.")],
-    out: Annotated[Path, typer.Option(help="Output ZIP (NVlabs dataset layout); a .report.json is written beside it.")],
-    labels: Annotated[Path | None, typer.Option(help="Labels CSV (image,label) for --dataset folder/dicom.")] = None,
-    ben_graham: Annotated[bool, typer.Option(help="Apply Ben Graham local-contrast normalisation.")] = False,
-    workers: Annotated[int | None, typer.Option(help="Worker processes (default: up to 2).")] = None,
-    split_seed: Annotated[int, typer.Option(help="Seed of the patient-level train/val/test split.")] = 0,
+    data_root: Annotated[ReadableDir, typer.Option(help="Folder holding the raw dataset.")],
+    resolution: Annotated[PreparedResolution, typer.Option(help="Output image side in pixels.")],
+    out: Annotated[OutputFile, typer.Option(help="Output ZIP (NVlabs dataset layout); a .report.json is written beside it.")],
+    labels: Annotated[ReadableFile | None, typer.Option(help="Labels CSV (image,label) for --dataset folder/dicom.")] = None,
+    ben_graham: Annotated[Switch, typer.Option(help="Apply Ben Graham local-contrast normalisation.")] = False,
+    workers: Annotated[Count | None, typer.Option(help="Worker processes (default: up to 2).")] = None,
+    split_seed: Annotated[Seed, typer.Option(help="Seed of the patient-level train/val/test split.")] = 0,
 ) -> None:
     """Preprocess a raw dataset into a ZIP of PNGs + dataset.json, with a report of every rejected file."""
     from retinagen.data.prepare import prepare_dataset
@@ -137,14 +187,14 @@ def prepare(
 @app.command()
 def train(
     dataset: Annotated[TrainDataset, typer.Option(help="Dataset preset (configs/<dataset>.yaml).")] = TrainDataset.synthfundus,
-    data: Annotated[Path | None, typer.Option(help="Prepared dataset ZIP (or folder for synthfundus).")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML config layered on top (e.g. configs/msi/*.yaml).")] = None,
+    data: Annotated[Dataset | None, typer.Option(help="Prepared dataset ZIP (or folder for synthfundus).")] = None,
+    config: Annotated[ConfigYaml | None, typer.Option(help="YAML config layered on top (e.g. configs/msi/*.yaml).")] = None,
     preset: Annotated[Preset | None, typer.Option(help="Sizes: smoke (seconds), cpu (minutes), gpu (paper).")] = None,
-    kimg: Annotated[float | None, typer.Option(help="Training length in thousands of images.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Run folder.")] = None,
-    resume: Annotated[Path | None, typer.Option(help="Run folder to resume from.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Training seed.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Config override, e.g. --set loss.beta=0.5")] = None,
+    kimg: Annotated[PositiveFloat | None, typer.Option(help="Training length in thousands of images.")] = None,
+    out: Annotated[OutputDir | None, typer.Option(help="Run folder.")] = None,
+    resume: Annotated[RunFolder | None, typer.Option(help="Run folder to resume from.")] = None,
+    seed: Annotated[Seed | None, typer.Option(help="Training seed.")] = None,
+    set_: Annotated[ConfigOverrides | None, typer.Option("--set", help="Config override, e.g. --set loss.beta=0.5")] = None,
 ) -> None:
     """Train an MSI(S, beta, d) model (InfoStyleGAN by default)."""
     import time as _time
@@ -180,7 +230,8 @@ def train(
         if ck_dir.is_dir() and any(ck_dir.iterdir()):
             raise RetinagenError(f"{run_dir} already holds checkpoints: continue it with --resume {run_dir}, or pick a new --out")
     summary = run_training(cfg, run_dir, resume=resume is not None)
-    if summary.last_checkpoint is not None and int(os.environ.get("RANK", "0")) == 0:
+    # Stopped by a signal: the snapshot is written; skip the grids (a scheduler's SIGKILL follows its SIGTERM).
+    if summary.last_checkpoint is not None and summary.stop_signal is None and int(os.environ.get("RANK", "0")) == 0:
         from retinagen.generation import load_model, write_traversal_grids
 
         model = load_model(summary.last_checkpoint, with_discriminator=False)
@@ -192,17 +243,21 @@ def train(
     )
     if summary.stopped_early:
         typer.echo(f"resume with: retinagen train --resume {run_dir}")
+    if summary.stop_signal is not None:
+        # 130 (SIGINT) / 143 (SIGTERM), as a shell reports a process killed by the signal: `train && evaluate`
+        # does not evaluate an unfinished model, and requeue scripts can tell a stop from a finished run.
+        raise typer.Exit(code=128 + summary.stop_signal)
 
 
 @app.command()
 def generate(
-    checkpoint: Annotated[Path, typer.Option(help="Checkpoint (.safetensors) or run folder (its newest checkpoint).")],
-    n: Annotated[int, typer.Option(help="Number of images.")],
-    out: Annotated[Path, typer.Option(help="Output folder.")],
-    grade: Annotated[int | None, typer.Option(help="DR grade 0-4 (conditional models).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    checkpoint: Annotated[Checkpoint, typer.Option(help="Checkpoint (.safetensors) or run folder (its newest checkpoint).")],
+    n: Annotated[Count, typer.Option(help="Number of images.")],
+    out: Annotated[OutputDir, typer.Option(help="Output folder.")],
+    grade: Annotated[Grade | None, typer.Option(help="DR grade 0-4 (conditional models).")] = None,
+    seed: Annotated[Seed, typer.Option(help="Seed.")] = 0,
     set_: Annotated[
-        list[str] | None,
+        list[Assignment] | None,
         typer.Option(
             "--set",
             help="Fix a code to a value: by name (--set c4=0.8) or by discovered attribute (--set melanin=0.8, "
@@ -210,11 +265,11 @@ def generate(
         ),
     ] = None,
     factors: Annotated[
-        Path | None,
+        FactorMap | None,
         typer.Option(help="Factor map from `retinagen discover` (default: RUN/factors.json of the checkpoint's run)."),
     ] = None,
     dicom: Annotated[
-        bool,
+        Switch,
         typer.Option(help="Also write each image as DICOM (Secondary Capture, SyntheticData=YES, no patient data)."),
     ] = False,
 ) -> None:
@@ -258,17 +313,17 @@ def _dicom_writer(model: Any, out: Path) -> Any:
 
 @app.command()
 def traverse(
-    checkpoint: Annotated[Path, typer.Option(help="Checkpoint (.safetensors) or run folder (its newest checkpoint).")],
+    checkpoint: Annotated[Checkpoint, typer.Option(help="Checkpoint (.safetensors) or run folder (its newest checkpoint).")],
     factor: Annotated[
-        str,
+        Text,
         typer.Option(help="The code to vary: its index (4), name (c4) or discovered attribute (melanin, via the factor map)."),
     ],
-    out: Annotated[Path, typer.Option(help="Output PNG grid.")],
-    steps: Annotated[int, typer.Option(help="Values of the code (rows).")] = 7,
-    samples: Annotated[int, typer.Option(help="Other latents resampled (columns).")] = 8,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    out: Annotated[OutputFile, typer.Option(help="Output PNG grid.")],
+    steps: Annotated[CountAtLeast2, typer.Option(help="Values of the code (rows).")] = 7,
+    samples: Annotated[Count, typer.Option(help="Other latents resampled (columns).")] = 8,
+    seed: Annotated[Seed, typer.Option(help="Seed.")] = 0,
     factors: Annotated[
-        Path | None,
+        FactorMap | None,
         typer.Option(help="Factor map from `retinagen discover` (default: RUN/factors.json of the checkpoint's run)."),
     ] = None,
 ) -> None:
@@ -399,61 +454,58 @@ def _report_summary(report: dict[str, Any]) -> list[str]:
 
 @app.command()
 def evaluate(
-    checkpoint: Annotated[Path, typer.Option(help="Checkpoint (.safetensors) or run folder (its newest checkpoint).")],
-    out: Annotated[Path, typer.Option(help="REPORT.json (REPORT.md and REPORT_files/ are written beside it).")],
+    checkpoint: Annotated[Checkpoint, typer.Option(help="Checkpoint (.safetensors) or run folder (its newest checkpoint).")],
+    out: Annotated[JsonOutput, typer.Option(help="REPORT.json (REPORT.md and REPORT_files/ are written beside it).")],
     data: Annotated[
-        Path | None,
+        DatasetZip | None,
         typer.Option(
-            exists=True, dir_okay=False,
             help="Prepared dataset ZIP to compare with (default: the ZIP the checkpoint was trained on, if found).",
         ),
     ] = None,
-    metrics: Annotated[str, typer.Option(help="Comma-separated: fid,kid,mig,acm,fd_fundus")] = "fid,kid,mig,acm,fd_fundus",
+    metrics: Annotated[MetricList, typer.Option(help="Comma-separated: fid,kid,mig,acm,fd_fundus")] = "fid,kid,mig,acm,fd_fundus",
     inception_weights: Annotated[
-        Path | None,
+        ReadableFile | None,
         typer.Option(
-            exists=True, dir_okay=False,
             help="Inception-v3 weights for FID/KID (weights-inception-2015-12-05-6726825d.pth); else "
             "$RETINAGEN_INCEPTION_WEIGHTS, else $TORCH_HOME/hub/checkpoints; absent: FID/KID skipped.",
         ),
     ] = None,
     fundus_encoder: Annotated[
-        Path | None,
-        typer.Option(exists=True, dir_okay=False, help="Fundus encoder for fd_fundus (default: train one on --data, cached)."),
+        SafetensorsFile | None,
+        typer.Option(help="Fundus encoder for fd_fundus (default: train one on --data, cached)."),
     ] = None,
     factors: Annotated[
-        Path | None,
+        FactorMap | None,
         typer.Option(
-            exists=True, dir_okay=False,
             help="FACTORS.json from `retinagen discover` (default: RUN/factors.json when it was discovered on this "
             "checkpoint, else discovered now and written beside the report).",
         ),
     ] = None,
     n_samples: Annotated[
-        int | None, typer.Option(help="Generated images per FID/KID estimate (default: as many as real images, <= 10000).")
+        CountAtLeast2 | None, typer.Option(help="Generated images per FID/KID estimate (default: as many as real images, <= 10000).")
     ] = None,
-    repeats: Annotated[int, typer.Option(help="FID/KID estimates, each with its own seed (paper: 5).")] = 5,
-    acm_n: Annotated[int, typer.Option(help="ACM: latents per attribute (paper: 100).")] = 100,
-    acm_steps: Annotated[int, typer.Option(help="ACM: values of a uniform code along a traversal.")] = 7,
-    seed: Annotated[int, typer.Option(help="Seed: FID/KID use seed..seed+repeats-1, discovery seed, ACM seed+1.")] = 0,
-    discovery_n: Annotated[int, typer.Option(help="Factor discovery (without --factors): latents per code.")] = 32,
-    discovery_steps: Annotated[int, typer.Option(help="Factor discovery: values of a uniform code.")] = 5,
-    top_factors: Annotated[int, typer.Option(help="Traversal grids in the report (top codes).")] = 4,
-    mig_limit: Annotated[int | None, typer.Option(help="MIG: Q on at most this many real images (default all).")] = None,
-    mig_bins: Annotated[int, typer.Option(help="MIG: bins of a uniform code's range.")] = 20,
-    factor_bins: Annotated[int, typer.Option(help="MIG: quantile bins of a continuous ground-truth factor.")] = 4,
-    encoder_epochs: Annotated[int, typer.Option(help="fd_fundus encoder training (when none is given): epochs.")] = 12,
-    encoder_min_steps: Annotated[int, typer.Option(help="fd_fundus encoder training: at least this many steps.")] = 800,
-    encoder_max_images: Annotated[int | None, typer.Option(help="fd_fundus encoder training: image limit.")] = 4000,
+    repeats: Annotated[Count, typer.Option(help="FID/KID estimates, each with its own seed (paper: 5).")] = 5,
+    acm_n: Annotated[Count, typer.Option(help="ACM: latents per attribute (paper: 100).")] = 100,
+    acm_steps: Annotated[CountAtLeast2, typer.Option(help="ACM: values of a uniform code along a traversal.")] = 7,
+    seed: Annotated[Seed, typer.Option(help="Seed: FID/KID use seed..seed+repeats-1, discovery seed, ACM seed+1.")] = 0,
+    discovery_n: Annotated[CountAtLeast2, typer.Option(help="Factor discovery (without --factors): latents per code.")] = 32,
+    discovery_steps: Annotated[CountAtLeast2, typer.Option(help="Factor discovery: values of a uniform code.")] = 5,
+    top_factors: Annotated[NonNegativeInt, typer.Option(help="Traversal grids in the report (top codes).")] = 4,
+    mig_limit: Annotated[CountAtLeast2 | None, typer.Option(help="MIG: Q on at most this many real images (default all).")] = None,
+    mig_bins: Annotated[CountAtLeast2, typer.Option(help="MIG: bins of a uniform code's range.")] = 20,
+    factor_bins: Annotated[CountAtLeast2, typer.Option(help="MIG: quantile bins of a continuous ground-truth factor.")] = 4,
+    encoder_epochs: Annotated[Count, typer.Option(help="fd_fundus encoder training (when none is given): epochs.")] = 12,
+    encoder_min_steps: Annotated[NonNegativeInt, typer.Option(help="fd_fundus encoder training: at least this many steps.")] = 800,
+    encoder_max_images: Annotated[CountAtLeast2 | None, typer.Option(help="fd_fundus encoder training: image limit.")] = 4000,
     stats_cache: Annotated[
-        Path | None, typer.Option(help="Cache of real-image statistics and encoders (default ~/.cache/retinagen/stats).")
+        OutputDir | None, typer.Option(help="Cache of real-image statistics and encoders (default ~/.cache/retinagen/stats).")
     ] = None,
     no_cache: Annotated[
-        bool, typer.Option("--no-cache", help="No statistics cache; a trained encoder is kept in the report's folder.")
+        Switch, typer.Option("--no-cache", help="No statistics cache; a trained encoder is kept in the report's folder.")
     ] = False,
-    batch_size: Annotated[int, typer.Option(help="Generator / feature / Q batch size (keep it fixed across models).")] = 64,
-    device: Annotated[str, typer.Option(help="cpu or cuda[:i].")] = "cpu",
-    progress: Annotated[bool, typer.Option(help="Progress bars on stderr.")] = True,
+    batch_size: Annotated[Count, typer.Option(help="Generator / feature / Q batch size (keep it fixed across models).")] = 64,
+    device: Annotated[Device, typer.Option(help="cpu or cuda[:i].")] = "cpu",
+    progress: Annotated[Switch, typer.Option(help="Progress bars on stderr.")] = True,
 ) -> None:
     """Measure quality (FID/KID, fundus FD) and control (MIG, ACM); write REPORT.json + REPORT.md."""
     from retinagen.generation import default_factor_map_path, resolve_checkpoint
@@ -529,8 +581,8 @@ def evaluate(
 
 @app.command()
 def compare(
-    reports: Annotated[list[Path], typer.Argument(help="REPORT.json files written by `retinagen evaluate`.")],
-    out: Annotated[Path | None, typer.Option(help="Also write the table to this Markdown file.")] = None,
+    reports: Annotated[list[ReportJson], typer.Argument(help="REPORT.json files written by `retinagen evaluate`.")],
+    out: Annotated[OutputFile | None, typer.Option(help="Also write the table to this Markdown file.")] = None,
 ) -> None:
     """Compare evaluation reports side by side: FID, fd_fundus, MIG, max I, best ACM (a Markdown table)."""
     from retinagen.fileio import atomic_write_text
@@ -545,24 +597,24 @@ def compare(
 
 @app.command()
 def discover(
-    checkpoint: Annotated[Path, typer.Option(help="Checkpoint (.safetensors) or run folder (its newest checkpoint).")],
+    checkpoint: Annotated[Checkpoint, typer.Option(help="Checkpoint (.safetensors) or run folder (its newest checkpoint).")],
     out: Annotated[
-        Path | None,
+        OutputFile | None,
         typer.Option(help="FACTORS.json (default: RUN/factors.json, where generate/traverse/evaluate look for it)."),
     ] = None,
-    n: Annotated[int, typer.Option(help="Latents per code (>= 2).")] = 32,
-    steps: Annotated[int, typer.Option(help="Values of a uniform code along its traversal (>= 2).")] = 5,
-    seed: Annotated[int, typer.Option(help="Latent seed.")] = 0,
-    grade: Annotated[int | None, typer.Option(help="Fix the DR grade of a conditional model (default: sampled).")] = None,
+    n: Annotated[CountAtLeast2, typer.Option(help="Latents per code (>= 2).")] = 32,
+    steps: Annotated[CountAtLeast2, typer.Option(help="Values of a uniform code along its traversal (>= 2).")] = 5,
+    seed: Annotated[Seed, typer.Option(help="Latent seed.")] = 0,
+    grade: Annotated[Grade | None, typer.Option(help="Fix the DR grade of a conditional model (default: sampled).")] = None,
     attributes: Annotated[
-        str | None, typer.Option(help="Comma-separated attribute probes (default: all), e.g. melanin,glare.")
+        AttributeList | None, typer.Option(help="Comma-separated attribute probes (default: all), e.g. melanin,glare.")
     ] = None,
-    min_score: Annotated[float, typer.Option(help="Smallest |effect| x consistency that assigns an attribute.")] = 0.5,
-    min_effect: Annotated[float, typer.Option(help="Smallest monotone change counted consistent, in SDs.")] = 0.25,
-    top: Annotated[int, typer.Option(help="Rows of the ranked table printed.")] = 20,
-    batch_size: Annotated[int, typer.Option(help="Generator batch size (does not change the result).")] = 64,
-    device: Annotated[str, typer.Option(help="cpu or cuda[:i].")] = "cpu",
-    progress: Annotated[bool, typer.Option(help="Progress bar on stderr.")] = True,
+    min_score: Annotated[NonNegativeFloat, typer.Option(help="Smallest |effect| x consistency that assigns an attribute.")] = 0.5,
+    min_effect: Annotated[NonNegativeFloat, typer.Option(help="Smallest monotone change counted consistent, in SDs.")] = 0.25,
+    top: Annotated[Count, typer.Option(help="Rows of the ranked table printed.")] = 20,
+    batch_size: Annotated[Count, typer.Option(help="Generator batch size (does not change the result).")] = 64,
+    device: Annotated[Device, typer.Option(help="cpu or cuda[:i].")] = "cpu",
+    progress: Annotated[Switch, typer.Option(help="Progress bar on stderr.")] = True,
 ) -> None:
     """Find which code c_i controls which measurable attribute; write the factor map (FACTORS.json)."""
     from retinagen.generation import default_factor_map_path, load_model
@@ -604,46 +656,46 @@ def discover(
 
 @app.command()
 def rebalance(
-    checkpoint: Annotated[Path, typer.Option(help="DR-grade conditional checkpoint (.safetensors) or run folder.")],
-    data: Annotated[Path, typer.Option(help="Prepared real dataset ZIP (`retinagen prepare`); its train split is counted.")],
+    checkpoint: Annotated[Checkpoint, typer.Option(help="DR-grade conditional checkpoint (.safetensors) or run folder.")],
+    data: Annotated[DatasetZip, typer.Option(help="Prepared real dataset ZIP (`retinagen prepare`); its train split is counted.")],
     target: Annotated[
-        str,
+        RebalanceTarget,
         typer.Option(help="uniform (every grade up to the largest) | counts:G=N,... (synthetic images per grade, "
                           "e.g. counts:0=0,1=500,2=300) | ratio:R (every grade up to R x the largest, 0 < R <= 1)."),
     ],
     out: Annotated[
-        Path,
+        OutputDir,
         typer.Option(help="Output folder (not inside the real data's folder): train/*.png, manifest.csv, "
                           "trainLabels.csv + labels.csv (merged real + synthetic), rebalance_report.json."),
     ],
-    seed: Annotated[int, typer.Option(help="Seed: same seed, same images; rerun to resume.")] = 0,
+    seed: Annotated[Seed, typer.Option(help="Seed: same seed, same images; rerun to resume.")] = 0,
     grader: Annotated[
-        Path | None, typer.Option(help="DR grader checkpoint (`retinagen downstream` writes them) for the quality gate.")
+        Grader | None, typer.Option(help="DR grader checkpoint (`retinagen downstream` writes them) for the quality gate.")
     ] = None,
     gate_threshold: Annotated[
-        float | None, typer.Option(help="Keep an image only if the grader gives its grade at least this probability [default: 0.5].")
+        UnitInterval | None, typer.Option(help="Keep an image only if the grader gives its grade at least this probability [default: 0.5].")
     ] = None,
     max_tries_factor: Annotated[
-        float | None, typer.Option(help="With --grader: at most ceil(requested x this) tries per grade [default: 4].")
+        Multiplier | None, typer.Option(help="With --grader: at most ceil(requested x this) tries per grade [default: 4].")
     ] = None,
     steer: Annotated[
-        list[str] | None,
+        list[Assignment] | None,
         typer.Option(help="Steer a code: NAME=spread (even over its range) or NAME=VALUE (fixed); NAME is a code "
                           "(c4) or a discovered attribute (pigmentation, via the factor map). Repeatable."),
     ] = None,
     factors: Annotated[
-        Path | None,
+        FactorMap | None,
         typer.Option(help="Factor map from `retinagen discover` (default: RUN/factors.json of the checkpoint's run)."),
     ] = None,
     copy_real: Annotated[
-        bool, typer.Option(help="Copy the real training images into OUT/train and write the merged label files.")
+        Switch, typer.Option(help="Copy the real training images into OUT/train and write the merged label files.")
     ] = True,
     real_root: Annotated[
-        list[Path] | None, typer.Option(help="Raw real data folder(s) OUT must not be inside (the ZIP's folder always is).")
+        list[ReadableDir] | None, typer.Option(help="Raw real data folder(s) OUT must not be inside (the ZIP's folder always is).")
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per generator / grader batch.")] = 64,
-    device: Annotated[str, typer.Option(help="Torch device for the generator and grader (cpu, cuda, cuda:1).")] = "cpu",
-    progress: Annotated[bool, typer.Option(help="Progress bars on stderr.")] = True,
+    batch_size: Annotated[Count, typer.Option(help="Images per generator / grader batch.")] = 64,
+    device: Annotated[Device, typer.Option(help="Torch device for the generator and grader (cpu, cuda, cuda:1).")] = "cpu",
+    progress: Annotated[Switch, typer.Option(help="Progress bars on stderr.")] = True,
 ) -> None:
     """Generate DR-grade-controlled synthetic images to rebalance a training set (quality-gated, resumable)."""
     from clinical.rebalance import DEFAULT_MAX_TRIES_FACTOR
@@ -688,27 +740,21 @@ def rebalance(
 
 @app.command()
 def downstream(
-    real: Annotated[Path, typer.Option(help="Prepared real dataset ZIP with DR grades (`retinagen prepare`).")],
-    synthetic: Annotated[Path, typer.Option(help="Folder of synthetic PNGs + manifest.csv (`retinagen rebalance`).")],
-    out: Annotated[Path, typer.Option(help="REPORT.json (REPORT.md, REPORT_files/ and graders/ are written beside it).")],
+    real: Annotated[DatasetZip, typer.Option(help="Prepared real dataset ZIP with DR grades (`retinagen prepare`).")],
+    synthetic: Annotated[ReadableDir, typer.Option(help="Folder of synthetic PNGs + manifest.csv (`retinagen rebalance`).")],
+    out: Annotated[JsonOutput, typer.Option(help="REPORT.json (REPORT.md, REPORT_files/ and graders/ are written beside it).")],
     preset: Annotated[
         Preset, typer.Option(help="Grader size: smoke (seconds), cpu (small DenseNet, 32 px, minutes), gpu (DenseNet121, 256 px).")
     ] = Preset.cpu,
-    seed: Annotated[int, typer.Option(help="Seed: grader init, batch order, augmentation, split (if the ZIP has none), bootstrap.")] = 0,
-    n_bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of the test set for the 95 % intervals.")] = 1000,
-    test_fraction: Annotated[float, typer.Option(help="Test share of patients when the ZIP has no test split.")] = 0.2,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda[:i] (default: CUDA when available).")] = None,
-    progress: Annotated[bool, typer.Option(help="Progress bars on stderr.")] = True,
+    seed: Annotated[Seed, typer.Option(help="Seed: grader init, batch order, augmentation, split (if the ZIP has none), bootstrap.")] = 0,
+    n_bootstrap: Annotated[Count, typer.Option(help="Bootstrap resamples of the test set for the 95 % intervals.")] = 1000,
+    test_fraction: Annotated[Probability, typer.Option(help="Test share of patients when the ZIP has no test split.")] = 0.2,
+    device: Annotated[Device | None, typer.Option(help="cpu or cuda[:i] (default: CUDA when available).")] = None,
+    progress: Annotated[Switch, typer.Option(help="Progress bars on stderr.")] = True,
 ) -> None:
     """Train DR graders on real / real+synthetic / synthetic and compare them on held-out real data."""
     from clinical.grader import run_downstream, summary_lines
 
-    if out.suffix.lower() != ".json":
-        _usage_error(f"--out {out}: expected a .json report path, e.g. REPORT.json")
-    if n_bootstrap < 1:
-        _usage_error(f"--n-bootstrap must be >= 1, got {n_bootstrap}")
-    if not 0 < test_fraction < 1:
-        _usage_error(f"--test-fraction must be in (0, 1), got {test_fraction}")
     report = run_downstream(
         real,
         synthetic,
@@ -734,34 +780,34 @@ def downstream(
 @anomaly_app.command("fit")
 def anomaly_fit(
     checkpoint: Annotated[
-        Path, typer.Option(help="Checkpoint (.safetensors) or run folder; must hold D and Q.")
+        Checkpoint, typer.Option(help="Checkpoint (.safetensors) or run folder; must hold D and Q.")
     ],
-    data: Annotated[Path, typer.Option(help="Prepared dataset ZIP holding the reference normal images.")],
-    out: Annotated[Path, typer.Option(help="Scorer path: writes OUT.safetensors + OUT.json.")],
+    data: Annotated[DatasetZip, typer.Option(help="Prepared dataset ZIP holding the reference normal images.")],
+    out: Annotated[OutputFile, typer.Option(help="Scorer path: writes OUT.safetensors + OUT.json.")],
     scorer: Annotated[
         AnomalyScorerName, typer.Option(help="Density / reconstruction model.")
     ] = AnomalyScorerName.mahalanobis,
     fpr: Annotated[
-        float, typer.Option(help="False-positive rate the threshold is calibrated to on held-out normals.")
+        Probability, typer.Option(help="False-positive rate the threshold is calibrated to on held-out normals.")
     ] = 0.05,
     normal_grades: Annotated[
-        str,
+        GradesOrAll,
         typer.Option(help="Labels that count as normal, comma separated, or 'all' (unlabelled data: all)."),
     ] = "0",
     split: Annotated[
-        str | None, typer.Option(help="Use only this split of the ZIP: train, val or test.")
+        Split | None, typer.Option(help="Use only this split of the ZIP: train, val or test.")
     ] = None,
     calibration_fraction: Annotated[
-        float, typer.Option(help="Share of the normals held out for calibration.")
+        Probability, typer.Option(help="Share of the normals held out for calibration.")
     ] = 0.25,
     max_images: Annotated[
-        int | None, typer.Option(help="Use at most this many normals (seeded subset).")
+        CountAtLeast2 | None, typer.Option(help="Use at most this many normals (seeded subset).")
     ] = None,
     seed: Annotated[
-        int, typer.Option(help="Seed of the fit/calibration split (and of f-AnoGAN's encoder).")
+        Seed, typer.Option(help="Seed of the fit/calibration split (and of f-AnoGAN's encoder).")
     ] = 0,
     option: Annotated[
-        list[str] | None,
+        list[Assignment] | None,
         typer.Option("--option", help="Scorer option KEY=VALUE, e.g. --option k=10, --option steps=50"),
     ] = None,
 ) -> None:
@@ -780,7 +826,7 @@ def anomaly_fit(
         options=parse_options(option),
         fpr=fpr,
         normal_grades=grades,
-        split=split,
+        split=None if split is None else split.value,
         calibration_fraction=calibration_fraction,
         seed=seed,
         max_images=max_images,
@@ -804,19 +850,19 @@ def _parse_int_list(text: str, flag: str) -> tuple[int, ...]:
 @anomaly_app.command("score")
 def anomaly_score(
     scorer: Annotated[
-        Path, typer.Option(help="Scorer written by `anomaly fit` (OUT, OUT.json or OUT.safetensors).")
+        Scorer, typer.Option(help="Scorer written by `anomaly fit` (OUT, OUT.json or OUT.safetensors).")
     ],
     images: Annotated[
-        list[Path], typer.Argument(help="PNG/JPEG/DICOM files or folders (searched recursively).")
+        list[ReadablePath], typer.Argument(help="PNG/JPEG/DICOM files or folders (searched recursively).")
     ],
     out: Annotated[
-        Path, typer.Option(help="Output CSV: file, flag, score, percentile, threshold, top_features, reason.")
+        OutputFile, typer.Option(help="Output CSV: file, flag, score, percentile, threshold, top_features, reason.")
     ],
     checkpoint: Annotated[
-        Path | None,
+        Checkpoint | None,
         typer.Option(help="The checkpoint the scorer was fitted on (default: the path it recorded)."),
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Images scored per batch.")] = 64,
+    batch_size: Annotated[Count, typer.Option(help="Images scored per batch.")] = 64,
 ) -> None:
     """Score images: anomaly score, percentile among normals, flag, and the features that drove it."""
     from collections import Counter
@@ -838,12 +884,12 @@ def anomaly_score(
 
 @anomaly_app.command("evaluate")
 def anomaly_evaluate(
-    scorer: Annotated[Path, typer.Option(help="Scorer written by `anomaly fit`.")],
-    normal: Annotated[Path, typer.Option(help="Folder of normal images (PNG/JPEG/DICOM).")],
-    abnormal: Annotated[Path, typer.Option(help="Folder of abnormal images (PNG/JPEG/DICOM).")],
-    out: Annotated[Path, typer.Option(help="REPORT.json")],
+    scorer: Annotated[Scorer, typer.Option(help="Scorer written by `anomaly fit`.")],
+    normal: Annotated[ReadableDir, typer.Option(help="Folder of normal images (PNG/JPEG/DICOM).")],
+    abnormal: Annotated[ReadableDir, typer.Option(help="Folder of abnormal images (PNG/JPEG/DICOM).")],
+    out: Annotated[JsonOutput, typer.Option(help="REPORT.json")],
     checkpoint: Annotated[
-        Path | None,
+        Checkpoint | None,
         typer.Option(help="The checkpoint the scorer was fitted on (default: the path it recorded)."),
     ] = None,
 ) -> None:
@@ -872,18 +918,18 @@ def anomaly_evaluate(
 @anomaly_app.command("benchmark")
 def anomaly_benchmark(
     checkpoint: Annotated[
-        Path, typer.Option(help="Checkpoint (.safetensors) or run folder of a fundus model.")
+        Checkpoint, typer.Option(help="Checkpoint (.safetensors) or run folder of a fundus model.")
     ],
     data: Annotated[
-        Path, typer.Option(help="Prepared, DR-graded fundus ZIP (e.g. the run's synthetic data).")
+        DatasetZip, typer.Option(help="Prepared, DR-graded fundus ZIP (e.g. the run's synthetic data).")
     ],
-    out: Annotated[Path, typer.Option(help="REPORT.json (a Markdown table REPORT.md is written beside it).")],
-    scorers: Annotated[str, typer.Option(help="Comma-separated scorers.")] = "mahalanobis,knn,fanogan",
+    out: Annotated[JsonOutput, typer.Option(help="REPORT.json (a Markdown table REPORT.md is written beside it).")],
+    scorers: Annotated[ScorerList, typer.Option(help="Comma-separated scorers.")] = "mahalanobis,knn,fanogan",
     max_per_type: Annotated[
-        int | None, typer.Option(help="Cap every image set (bounds f-AnoGAN's time).")
+        CountAtLeast2 | None, typer.Option(help="Cap every image set (bounds f-AnoGAN's time).")
     ] = None,
-    fpr: Annotated[float, typer.Option(help="Calibrated false-positive rate.")] = 0.05,
-    seed: Annotated[int, typer.Option(help="Seed of subsets, corruptions and crops.")] = 0,
+    fpr: Annotated[Probability, typer.Option(help="Calibrated false-positive rate.")] = 0.05,
+    seed: Annotated[Seed, typer.Option(help="Seed of subsets, corruptions and crops.")] = 0,
 ) -> None:
     """AUROC per anomaly type (referable DR, faces, natural images, corrupted fundus) per scorer."""
     from clinical.anomaly import benchmark_markdown, run_benchmark
@@ -900,13 +946,13 @@ def anomaly_benchmark(
 
 @app.command()
 def dashboard(
-    run: Annotated[Path | None, typer.Option(help="Run folder or checkpoint (default: the shipped model).")] = None,
-    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8501,
+    run: Annotated[Checkpoint | None, typer.Option(help="Run folder or checkpoint (default: the shipped model).")] = None,
+    port: Annotated[Port, typer.Option(help="Port to serve on.")] = 8501,
     host: Annotated[
-        str, typer.Option(help="Address to bind. The default keeps it on this machine: the dashboard has no login.")
+        Text, typer.Option(help="Address to bind. The default keeps it on this machine: the dashboard has no login.")
     ] = "127.0.0.1",
     data: Annotated[
-        list[Path] | None, typer.Option(help="Prepared dataset ZIP for the Rebalance page (repeatable).")
+        list[DatasetZip] | None, typer.Option(help="Prepared dataset ZIP for the Rebalance page (repeatable).")
     ] = None,
 ) -> None:
     """Serve the Streamlit dashboard (Controls, Review, Rebalance, Anomaly, Training & metrics); Ctrl+C stops it."""
@@ -944,18 +990,40 @@ def dashboard(
 # --------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: maps project errors to exit code 2 and bugs to exit code 1.
+def _usage_error_line(exc: Exception) -> str:
+    """A typer/click usage error (unknown option, bad choice, missing option) as one ``error:`` line."""
+    ctx = getattr(exc, "ctx", None)
+    message = " ".join(str(exc.format_message()).split()).replace("Value error, ", "")  # type: ignore[attr-defined]
+    hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+    return f"error: {message}{hint}"
 
-    Usage errors (unknown option, bad choice) are reported by the CLI library itself with exit code 2.
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: bad usage and project errors exit 2 with one ``error:`` line, bugs exit 1 with a traceback.
+
+    Exit codes: 0 success; 1 internal error (a bug); 2 bad usage or bad input; 130 / 143 a `train` stopped by
+    SIGINT (Ctrl-C) / SIGTERM after writing its snapshot (128 + the signal's number, as a shell reports it).
     """
+    click_exceptions = _click_exceptions()
     try:
-        app(args=argv, prog_name="retinagen")
+        # standalone_mode=False: usage errors come back here as exceptions, so they get the same one-line
+        # format as every other bad input instead of click's multi-line box.
+        result = app(args=argv, prog_name="retinagen", standalone_mode=False)
     except SystemExit as exc:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
+    except click_exceptions.NoArgsIsHelpError as exc:
+        typer.echo(exc.format_message(), err=True)
+        return 2
+    except click_exceptions.ClickException as exc:
+        typer.echo(_usage_error_line(exc), err=True)
+        return exc.exit_code if exc.exit_code else 2
+    except typer.Abort:
+        typer.echo("interrupted", err=True)
+        return 130
     except RetinagenError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        first, *rest = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        typer.echo(f"error: {first} {'; '.join(rest)}".rstrip(), err=True)
         return 2
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
@@ -975,7 +1043,19 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         typer.echo("internal error (a bug in retinagen; please report it with the traceback above)", err=True)
         return 1
-    return 0
+    # A command's exit code: typer.Exit(code) comes back as the return value in non-standalone mode.
+    return result if isinstance(result, int) else 0
+
+
+def _click_exceptions() -> Any:
+    """The click exception module typer uses: its vendored copy (typer >= 0.2x) or click itself."""
+    try:
+        from typer._click import exceptions
+    except ImportError:  # older typer depends on click
+        from click import exceptions
+    if not hasattr(exceptions, "NoArgsIsHelpError"):  # click < 8.2 prints the help itself
+        exceptions.NoArgsIsHelpError = type("NoArgsIsHelpError", (Exception,), {})
+    return exceptions
 
 
 if __name__ == "__main__":

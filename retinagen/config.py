@@ -193,9 +193,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not a YAML text file (byte {exc.object[exc.start]:#04x} at offset {exc.start} is not UTF-8)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config ({exc.strerror or exc})") from None
+    if "\x00" in text:  # UTF-8 decodes NUL bytes; a YAML file never holds them
+        raise ConfigError(f"{path}: not a YAML text file (it holds NUL bytes)")
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -217,9 +227,17 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: bad value: {exc}") from exc
+        # A key given twice, or both as a value and as a section (a.b=1 with a.b.c=2), is ambiguous: refuse it
+        # rather than let the later item silently win or fail deep inside the merge.
         node = out
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
+        for depth, k in enumerate(keys[:-1]):
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                where = ".".join(keys[: depth + 1])
+                raise ConfigError(f"override {item!r} conflicts with an earlier --set of {where} to a value")
+            node = child
+        if keys[-1] in node:
+            raise ConfigError(f"override {item!r} conflicts with an earlier --set of {'.'.join(keys)}")
         node[keys[-1]] = value
     return out
 

@@ -18,6 +18,7 @@ import json
 import os
 import struct
 import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,9 @@ __all__ = ["ZipImageDataset", "read_dataset_json"]
 
 _SPLITS = ("train", "val", "test")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# What reading a damaged member raises: a bad CRC (BadZipFile), a corrupt deflate stream (zlib.error), a
+# truncated one (EOFError), or the disk (OSError).
+_MEMBER_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError)
 # dataset.json is an index (names, labels, a few dicts); 1 GB would mean a broken or hostile file.
 _MAX_JSON_BYTES = 1 << 30
 
@@ -70,14 +74,25 @@ def _read_json_member(zf: zipfile.ZipFile, path: Path) -> tuple[dict[str, Any], 
     try:
         raw = zf.read(info)
         meta = json.loads(raw.decode("utf-8"))
-    except (zipfile.BadZipFile, OSError, UnicodeDecodeError, ValueError) as e:
-        raise RetinagenError(f"{path}: dataset.json cannot be read ({type(e).__name__})") from None
+    except (*_MEMBER_ERRORS, UnicodeDecodeError, ValueError) as e:
+        raise RetinagenError(f"{path}: dataset.json cannot be read ({_damage(e)})") from None
     if not isinstance(meta, dict):
         raise RetinagenError(f"{path}: dataset.json must hold a JSON object")
     labels = meta.get("labels")
     if labels is not None and not _valid_label_pairs(labels):
         raise RetinagenError(f"{path}: dataset.json 'labels' must be null or a list of [name, int] pairs")
     return meta, raw
+
+
+def _damage(e: BaseException) -> str:
+    """What is wrong with a member, in words (zlib's and zipfile's own messages are terse but exact)."""
+    if isinstance(e, zlib.error):
+        return f"corrupt compressed data: {e}"
+    if isinstance(e, EOFError):
+        return "truncated compressed data"
+    if isinstance(e, zipfile.BadZipFile):
+        return f"damaged: {e}"
+    return type(e).__name__ if not str(e) else f"{type(e).__name__}: {e}"
 
 
 def per_image_table(block: Any, names_in_zip: Sequence[str]) -> tuple[list[str], np.ndarray] | None:
@@ -211,15 +226,21 @@ class ZipImageDataset(Dataset):
 
     # -- validation helpers ------------------------------------------------------------------------
 
+    def _head(self, zf: zipfile.ZipFile, name: str) -> bytes:
+        try:
+            with zf.open(name) as fh:
+                return fh.read(24)
+        except _MEMBER_ERRORS as e:
+            raise RetinagenError(f"{self.path}: cannot read member {name} ({_damage(e)})") from None
+
     def _first_size(self, zf: zipfile.ZipFile, name: str) -> int:
-        size = _png_size(zf.open(name).read(24))
+        size = _png_size(self._head(zf, name))
         if size is None or size[0] != size[1]:
             raise RetinagenError(f"{self.path}: {name} is not a square PNG; cannot infer the resolution")
         return size[0]
 
     def _check_header(self, zf: zipfile.ZipFile, name: str) -> None:
-        with zf.open(name) as fh:
-            size = _png_size(fh.read(24))
+        size = _png_size(self._head(zf, name))
         if size is None:
             raise RetinagenError(f"{self.path}: member {name} is not a PNG image")
         if size != (self.resolution, self.resolution):
@@ -252,8 +273,10 @@ class ZipImageDataset(Dataset):
         name = self.names[index]
         try:
             data = self._zipfile().read(name)
-        except (KeyError, zipfile.BadZipFile, OSError) as e:
-            raise RetinagenError(f"{self.path}: cannot read member {name} ({type(e).__name__})") from None
+        except KeyError:
+            raise RetinagenError(f"{self.path}: member {name} is missing from the ZIP") from None
+        except _MEMBER_ERRORS as e:
+            raise RetinagenError(f"{self.path}: cannot read member {name} ({_damage(e)})") from None
         img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
         if img is None:
             raise RetinagenError(f"{self.path}: member {name} is not a decodable PNG")

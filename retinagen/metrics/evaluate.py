@@ -1059,7 +1059,48 @@ def load_report(path: str | Path) -> dict[str, Any]:
         raise BadInputError(p, f"not a JSON report ({exc})") from None
     if not isinstance(data, dict) or data.get("schema") != REPORT_SCHEMA:
         raise BadInputError(p, f"not a retinagen evaluation report (schema must be {REPORT_SCHEMA!r})")
+    missing = _missing_report_keys(data)
+    if missing:
+        raise BadInputError(p, f"incomplete evaluation report: no {', '.join(missing)}")
     return data
+
+
+# The keys `compare_reports` and the CLI summary read: always, and in a metric section whose status is "ok".
+_REPORT_KEYS = (("model", "msi"), ("model", "checkpoint_sha256"), ("model", "step"), ("data", "fingerprint"),
+                ("metrics",))
+_OK_SECTION_KEYS = {
+    "fid": (("mean",), ("std",)),
+    "kid": (("mean",), ("std",)),
+    "mig": (("mig",), ("max_mi",)),
+    "acm": (("rows",),),
+    "fd_fundus": (("fd", "mean"), ("fd", "std"), ("encoder", "weights_sha256")),
+}
+_ACM_ROW_KEYS = ("attribute", "code", "percent", "margin95", "assigned")
+
+
+def _missing_report_keys(data: Mapping[str, Any]) -> list[str]:
+    """Dotted names of the keys a report lacks (``model.step``, ``metrics.mig.max_mi``); empty when complete."""
+
+    def lacks(node: Any, keys: Sequence[str]) -> bool:
+        for k in keys:
+            if not isinstance(node, Mapping) or k not in node:
+                return True
+            node = node[k]
+        return False
+
+    missing = [".".join(keys) for keys in _REPORT_KEYS if lacks(data, keys)]
+    metrics = data.get("metrics")
+    if not isinstance(metrics, Mapping):
+        return missing
+    for name, required in _OK_SECTION_KEYS.items():
+        sec = metrics.get(name)
+        if isinstance(sec, Mapping) and sec.get("status") == "ok":
+            missing += [".".join(("metrics", name, *keys)) for keys in required if lacks(sec, keys)]
+    acm = metrics.get("acm")
+    if isinstance(acm, Mapping) and acm.get("status") == "ok" and isinstance(acm.get("rows"), list):
+        for i, row in enumerate(acm["rows"]):
+            missing += [f"metrics.acm.rows[{i}].{k}" for k in _ACM_ROW_KEYS if not isinstance(row, Mapping) or k not in row]
+    return missing
 
 
 def _best_acm(acm: Mapping[str, Any] | None) -> str:
