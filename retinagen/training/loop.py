@@ -225,6 +225,8 @@ class TrainSummary:
     images_per_s: float
     last_checkpoint: Path | None
     stopped_early: bool
+    # SIGINT / SIGTERM that stopped the run (after its snapshot), None otherwise: the CLI exits 128 + it.
+    stop_signal: int | None = None
 
 
 class _StopFlag:
@@ -232,6 +234,7 @@ class _StopFlag:
 
     def __init__(self) -> None:
         self.stop = False
+        self.signum: int | None = None
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _StopFlag:
@@ -244,6 +247,7 @@ class _StopFlag:
         if self.stop:  # a second Ctrl-C: give up at once
             raise KeyboardInterrupt
         self.stop = True
+        self.signum = signum
         print(f"\nsignal {signum}: saving a snapshot after this step, then stopping", file=sys.stderr)
 
     def __exit__(self, *exc: Any) -> None:
@@ -673,6 +677,7 @@ def train(
         images_per_s=shown / max(elapsed, 1e-9),
         last_checkpoint=last_ck,
         stopped_early=stopped,
+        stop_signal=flag.signum if stopped else None,
     )
     if d.world > 1:
         dist.barrier()
