@@ -130,6 +130,21 @@ def _fir_kernel_2d() -> torch.Tensor:
     return k2 / k2.sum()  # sums to 1
 
 
+def replicate_pad1(x: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] -> [N, C, H + 2, W + 2], the border pixels repeated once on every side.
+
+    The same values as ``F.pad(x, (1, 1, 1, 1), mode="replicate")``, built from edge slices and
+    ``torch.cat`` instead. Why: under torch.compile (inductor, torch 2.14) the backward of
+    ``replication_pad2d`` falls back to the eager kernel, which returns a channels_last gradient when
+    inductor hands it a channels_last one, while the compiled graph expects a contiguous tensor - the
+    step dies on a stride assertion. Slices and cat are ordinary ops that inductor lowers itself, in eager
+    mode their backward is slicing and adds (deterministic on CUDA), and gradients equal the padding
+    op's up to float rounding of the edge sums.
+    """
+    x = torch.cat([x[:, :, :, :1], x, x[:, :, :, -1:]], dim=3)
+    return torch.cat([x[:, :, :1, :], x, x[:, :, -1:, :]], dim=2)
+
+
 class Upsample2d(nn.Module):
     """2x upsampling with the [1, 3, 3, 1] FIR filter: exactly bilinear interpolation (align_corners=False).
 
@@ -146,8 +161,7 @@ class Upsample2d(nn.Module):
         """[N, C, H, W] -> [N, C, 2H, 2W]."""
         c = x.shape[1]
         w = self.kernel.to(x.dtype).expand(c, 1, 4, 4)
-        x = F.pad(x, (1, 1, 1, 1), mode="replicate")
-        return F.conv_transpose2d(x, w, stride=2, padding=3, groups=c)
+        return F.conv_transpose2d(replicate_pad1(x), w, stride=2, padding=3, groups=c)
 
 
 class Downsample2d(nn.Module):
@@ -163,8 +177,7 @@ class Downsample2d(nn.Module):
             raise ValueError(f"Downsample2d needs even H and W, got {tuple(x.shape)}")
         c = x.shape[1]
         w = self.kernel.to(x.dtype).expand(c, 1, 4, 4)
-        x = F.pad(x, (1, 1, 1, 1), mode="replicate")
-        return F.conv2d(x, w, stride=2, groups=c)
+        return F.conv2d(replicate_pad1(x), w, stride=2, groups=c)
 
 
 def modulated_conv2d(
