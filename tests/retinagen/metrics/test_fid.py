@@ -298,6 +298,13 @@ def test_inception_weights_that_are_not_plain_tensors_are_refused(
     monkeypatch.setattr(fidmod, "INCEPTION_SHA256_PREFIX", digest[:8])
     with pytest.raises(MetricUnavailable, match="plain tensors"):
         fidmod.verify_inception_weights(bad)
+    # Loads with weights_only=True but is not a dict of tensors: torch-fidelity must not get it either.
+    not_a_state_dict = no_weights_anywhere / "mixed.pth"
+    torch.save({"w": torch.zeros(1), "n": 3}, not_a_state_dict)
+    digest = hashlib.sha256(not_a_state_dict.read_bytes()).hexdigest()
+    monkeypatch.setattr(fidmod, "INCEPTION_SHA256_PREFIX", digest[:8])
+    with pytest.raises(MetricUnavailable, match="not a state dict of tensors"):
+        fidmod.verify_inception_weights(not_a_state_dict)
 
 
 def test_inception_extractor_runs_offline_with_a_local_file(
