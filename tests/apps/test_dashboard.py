@@ -63,6 +63,12 @@ def _all_text(node: Any) -> str:
     return "\n".join(parts)
 
 
+def _only_verdicts(errors: Any) -> bool:
+    """True when the only red boxes are the scorer's own verdict (a smoke-run scorer fitted on synthetic eyes may
+    flag a real photograph; that is a result, not a failure of the page)."""
+    return all(e.value == "Flagged: outside the normal range" for e in errors)
+
+
 def _jpeg(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="JPEG", quality=95)
@@ -217,7 +223,7 @@ def test_an_uploaded_fundus_is_scored_with_its_fov_and_heat_map(run_dir: Path) -
     at = _app("anomaly")
     assert any("Upload an image" in i.value for i in at.info)
     at.file_uploader(key="ano_upload").set_value(("Doe_Jane_1970.jpg", _jpeg(dfx.retina_rgb(256)), "image/jpeg")).run()
-    assert not at.exception and not at.error
+    assert not at.exception and _only_verdicts(at.error), [e.value for e in at.error]
     labels = {m.label: m.value for m in at.metric}
     assert float(labels["Anomaly score"]) > 0 and 0 <= float(labels["Percentile among normal eyes"]) <= 100
     assert len(_images(at)) == 3  # upload with FOV, preprocessed image, heat map
@@ -241,7 +247,7 @@ def test_no_fundus_unreadable_and_dicom_uploads_get_clear_messages_without_phi(r
     assert not any(s in _all_text(at.main) for s in dfx.PHI_STRINGS)
     op = dfx.op8_rgb(tmp_path / "op.dcm").read_bytes()
     at.file_uploader(key="ano_upload").set_value(("Doe^Jane.dcm", op, "application/dicom")).run()
-    assert not at.error and any(m.label == "Anomaly score" for m in at.metric)
+    assert _only_verdicts(at.error) and any(m.label == "Anomaly score" for m in at.metric), [e.value for e in at.error]
     assert not any(s in _all_text(at.main) for s in dfx.PHI_STRINGS)
 
 
