@@ -15,6 +15,7 @@ Constructors take plain keyword arguments so a typed config can build them (`bui
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from retinagen.networks.layers import (
     EqualizedConv2d,
     EqualizedLinear,
     NoiseInjection,
+    NoiseSource,
     PixelNorm,
     Upsample2d,
     lrelu,
@@ -76,7 +78,10 @@ def check_grade(grade: torch.Tensor | None, n: int, num_classes: int, who: str, 
         raise ValueError(
             f"{who}: grade must be an integer tensor [{n}], got {grade.dtype} {tuple(grade.shape)}"
         )
-    if grade.device.type == "cpu" and n and (int(grade.min()) < 0 or int(grade.max()) >= num_classes):
+    # Skipped while torch.compile traces: reading a value is a graph break, and the trainer's grades are
+    # drawn in range (fake) or checked when the dataset loads (real).
+    in_range_check = grade.device.type == "cpu" and n and not torch.compiler.is_compiling()
+    if in_range_check and (int(grade.min()) < 0 or int(grade.max()) >= num_classes):
         raise ValueError(
             f"{who}: grade values must lie in [0, {num_classes}), got {grade.min()}..{grade.max()}"
         )
@@ -244,12 +249,17 @@ class SynthesisLayer(nn.Module):
         self.noise = NoiseInjection(resolution)
 
     def forward(
-        self, x: torch.Tensor, w: torch.Tensor, noise_mode: str, noise_generator: torch.Generator | None
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        noise_mode: str,
+        noise_generator: NoiseSource | None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.up is not None:
             x = self.up(x)
         y = modulated_conv2d(x, self.weight * self.weight_gain, self.affine(w), demodulate=True)
-        y = self.noise(y, noise_mode, noise_generator)
+        y = self.noise(y, noise_mode, noise_generator, noise)
         return lrelu(y + self.bias.to(y.dtype).reshape(1, -1, 1, 1))
 
 
@@ -287,20 +297,27 @@ class SynthesisBlock(nn.Module):
         self.torgb = ToRGB(out_channels, w_dim)
         self.img_up = Upsample2d() if resolution > 4 else None
 
+    def layers(self) -> list[SynthesisLayer]:
+        """The block's noise-injecting layers in the order the forward pass runs them."""
+        return [layer for layer in (self.conv0, self.conv1) if layer is not None]
+
     def forward(
         self,
         x: torch.Tensor | None,
         img: torch.Tensor | None,
         w: torch.Tensor,
         noise_mode: str,
-        noise_generator: torch.Generator | None,
+        noise_generator: NoiseSource | None,
+        noise: Sequence[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``noise``: pre-drawn noise of this block's layers (`layers`), in order, or None."""
+        it = iter(noise) if noise is not None else None
         if self.const is not None:
             x = self.const.to(w.dtype).unsqueeze(0).expand(w.shape[0], -1, -1, -1)
         else:
             assert x is not None and self.conv0 is not None
-            x = self.conv0(x, w, noise_mode, noise_generator)
-        x = self.conv1(x, w, noise_mode, noise_generator)
+            x = self.conv0(x, w, noise_mode, noise_generator, next(it) if it is not None else None)
+        x = self.conv1(x, w, noise_mode, noise_generator, next(it) if it is not None else None)
         rgb = self.torgb(x, w)
         img = rgb if img is None else self.img_up(img).to(rgb.dtype) + rgb
         return x, img
@@ -327,18 +344,34 @@ class SynthesisNetwork(nn.Module):
         w: torch.Tensor,
         *,
         noise_mode: str = "random",
-        noise_generator: torch.Generator | None = None,
+        noise_generator: NoiseSource | None = None,
+        noise: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """``noise``: the output of `draw_noise` (mode "random"), used instead of drawing in the layers."""
         if w.ndim != 2 or w.shape[1] != self.w_dim:
             raise ValueError(f"SynthesisNetwork expects w [N, {self.w_dim}], got {tuple(w.shape)}")
         if noise_mode not in NOISE_MODES:
             raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+        counts = [len(block.layers()) for block in self.blocks]
+        if noise is not None and len(noise) != sum(counts):
+            raise ValueError(f"noise must hold {sum(counts)} tensors (one per noise layer), got {len(noise)}")
         x: torch.Tensor | None = None
         img: torch.Tensor | None = None
-        for block in self.blocks:
-            x, img = block(x, img, w, noise_mode, noise_generator)
+        start = 0
+        for block, k in zip(self.blocks, counts, strict=True):
+            part = noise[start : start + k] if noise is not None else None
+            start += k
+            x, img = block(x, img, w, noise_mode, noise_generator, part)
         assert img is not None
         return img
+
+    def draw_noise(self, n: int, generator: NoiseSource | None, device: torch.device) -> list[torch.Tensor]:
+        """Per-layer noise for n images, drawn from ``generator`` in the order the layers would draw it.
+
+        ``forward(..., noise=draw_noise(n, g, dev))`` equals ``forward(..., noise_generator=g)``. The
+        trainer draws eagerly and passes the tensors to the compiled network (see `NoiseInjection.draw`).
+        """
+        return [layer.noise.draw(n, generator, device) for block in self.blocks for layer in block.layers()]
 
 
 # ----------------------------------------------------------------------------------------- generators
@@ -425,12 +458,14 @@ class StyleGenerator(_GeneratorBase):
         *,
         truncation_psi: float = 1.0,
         noise_mode: str = "random",
-        noise_generator: torch.Generator | None = None,
+        noise_generator: NoiseSource | None = None,
+        noise: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """z_noise: [N, noise_dim]; code: [N, code_dim]; grade: [N] int in [0, num_classes) when conditional.
 
         Returns img [N, 3, R, R], roughly in [-1, 1]. ``noise_mode`` "const" (fixed per-layer noise) or
         "random" with ``noise_generator`` makes the output a deterministic function of the inputs.
+        ``noise`` (mode "random"): per-layer noise from `draw_noise`, instead of drawing it in the layers.
         """
         self._check_inputs(z_noise, code, grade)
         if self.code_input == "balanced":
@@ -438,7 +473,11 @@ class StyleGenerator(_GeneratorBase):
         else:  # normalised by the mapping network
             z = torch.cat([z_noise, code.to(z_noise.dtype)], dim=1)
         w = self.mapping(z, grade, truncation_psi=truncation_psi)
-        return self.synthesis(w, noise_mode=noise_mode, noise_generator=noise_generator)
+        return self.synthesis(w, noise_mode=noise_mode, noise_generator=noise_generator, noise=noise)
+
+    def draw_noise(self, n: int, generator: NoiseSource | None, device: torch.device) -> list[torch.Tensor]:
+        """See `SynthesisNetwork.draw_noise`."""
+        return self.synthesis.draw_noise(n, generator, device)
 
 
 class DirectGenerator(_GeneratorBase):
@@ -507,12 +546,15 @@ class DirectGenerator(_GeneratorBase):
         *,
         truncation_psi: float = 1.0,
         noise_mode: str = "random",
-        noise_generator: torch.Generator | None = None,
+        noise_generator: NoiseSource | None = None,
+        noise: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Same contract as `StyleGenerator.forward`: returns img [N, 3, R, R], roughly in [-1, 1]."""
         self._check_inputs(z_noise, code, grade)
         if noise_mode not in NOISE_MODES:
             raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+        if noise:
+            raise ValueError("DirectGenerator has no noise layers: noise must be empty or None")
         if self.code_input == "balanced":
             parts = [balanced_input(z_noise, code, self.latent, noise_scale=truncation_psi)]
         else:
@@ -532,6 +574,11 @@ class DirectGenerator(_GeneratorBase):
             x = self.norm(block["conv1"](x))
             img = self.up(img) + block["torgb"](x)
         return img
+
+
+    def draw_noise(self, n: int, generator: NoiseSource | None, device: torch.device) -> list[torch.Tensor]:
+        """No noise layers: an empty list (the common signature of `StyleGenerator.draw_noise`)."""
+        return []
 
 
 STYLE_ONLY_KWARGS = ("w_dim", "mapping_layers", "mapping_lr_multiplier")

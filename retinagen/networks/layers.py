@@ -12,6 +12,7 @@ All layers work on CPU and CUDA and accept channels_last inputs (no `.view` on m
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -231,11 +232,31 @@ def modulated_conv2d(
     return y.reshape(n, o, h, w_)
 
 
+@dataclass(frozen=True)
+class BatchNoise:
+    """Noise for rows [start, start + n) of a batch of ``batch`` rows, drawn from ``generator``.
+
+    Every noise layer draws the whole batch's noise and keeps these rows, so a data-parallel process that
+    computes one slice of a global batch adds to each image the same noise as one process computing the
+    whole batch (the draws of a CPU generator cannot be skipped ahead). The extra draws are one channel
+    per layer, small next to the layer's activations.
+    """
+
+    generator: torch.Generator
+    start: int
+    batch: int
+
+
+# What the generators accept as ``noise_generator``: a generator (the batch is the whole batch) or a slice.
+NoiseSource = torch.Generator | BatchNoise
+
+
 class NoiseInjection(nn.Module):
     """Adds per-pixel Gaussian noise times a learned scalar strength (initialised to 0).
 
     noise_mode: "random" draws fresh noise (from ``generator`` when given: deterministic per seed; drawn on
-    the generator's device and moved), "const" uses a fixed buffer saved with the model, "none" adds nothing.
+    the generator's device and moved; a `BatchNoise` draws its batch and keeps its rows), "const" uses a
+    fixed buffer saved with the model, "none" adds nothing.
     """
 
     def __init__(self, resolution: int) -> None:
@@ -244,20 +265,48 @@ class NoiseInjection(nn.Module):
         self.strength = nn.Parameter(torch.zeros([]))
         self.register_buffer("noise_const", torch.randn(resolution, resolution))
 
+    def draw(self, n: int, generator: NoiseSource | None, device: torch.device) -> torch.Tensor:
+        """The fresh noise [n, 1, R, R] (float32, on ``device``) that mode "random" adds to n images.
+
+        The trainer calls this outside torch.compile and passes the result as ``noise``: a draw from a
+        ``torch.Generator`` cannot be traced, and would split the compiled generator at every layer.
+        """
+        r = self.resolution
+        if isinstance(generator, BatchNoise):
+            if not 0 <= generator.start <= generator.start + n <= generator.batch:
+                raise ValueError(
+                    f"rows [{generator.start}, {generator.start + n}) outside a batch of {generator.batch}"
+                )
+            g = generator.generator
+            full = torch.randn(generator.batch, 1, r, r, generator=g, device=g.device)
+            return full[generator.start : generator.start + n].to(device)
+        src = generator.device if generator is not None else device
+        return torch.randn(n, 1, r, r, generator=generator, device=src).to(device)
+
     def forward(
-        self, x: torch.Tensor, noise_mode: str = "random", generator: torch.Generator | None = None
+        self,
+        x: torch.Tensor,
+        noise_mode: str = "random",
+        generator: NoiseSource | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """x: [N, C, R, R]; ``noise`` [N, 1, R, R]: noise drawn beforehand (`draw`), for mode "random" only."""
+        if noise_mode not in NOISE_MODES:
+            raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+        if noise is not None and noise_mode != "random":
+            raise ValueError(f"pre-drawn noise is added in noise_mode 'random' only, not {noise_mode!r}")
         if noise_mode == "none":
             return x
         n, _, h, w = x.shape
+        if (h, w) != (self.resolution, self.resolution):
+            raise ValueError(f"NoiseInjection({self.resolution}) got a {h}x{w} input")
         if noise_mode == "const":
-            noise = self.noise_const.to(x.dtype).expand(n, 1, h, w)
-        elif noise_mode == "random":
-            src = generator.device if generator is not None else x.device
-            noise = torch.randn(n, 1, h, w, generator=generator, device=src).to(x.device, x.dtype)
-        else:
-            raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
-        return x + noise * self.strength.to(x.dtype)
+            noise = self.noise_const.expand(n, 1, h, w)
+        elif noise is None:
+            noise = self.draw(n, generator, x.device)
+        elif noise.shape != (n, 1, h, w):
+            raise ValueError(f"NoiseInjection({self.resolution}): noise must be [{n}, 1, {h}, {w}], got {tuple(noise.shape)}")
+        return x + noise.to(x.device, x.dtype) * self.strength.to(x.dtype)
 
 
 class MinibatchStdDev(nn.Module):

@@ -39,6 +39,7 @@ from retinagen.errors import CheckpointError, RetinagenError
 from retinagen.fileio import atomic_write_json, atomic_write_text
 from retinagen.latent import LatentSpec
 from retinagen.networks.build import build_d, build_g, latent_spec, num_classes
+from retinagen.networks.layers import BatchNoise, NoiseSource
 from retinagen.progress import progress_bar
 from retinagen.training import losses
 from retinagen.training.checkpoint import (
@@ -288,6 +289,15 @@ class Trainer:
             raise RetinagenError(
                 f"train.batch_size {cfg.train.batch_size} is not divisible by the {self.d.world} processes"
             )
+        per_rank = cfg.train.batch_size // self.d.world
+        if self.d.world > 1 and self.d.main and per_rank % cfg.model.mbstd_group:
+            # Minibatch-stddev groups are consecutive rows of each process's slice; only when they tile it
+            # are they the groups one process would form, and the run the same as a single-process run.
+            print(
+                f"note: model.mbstd_group {cfg.model.mbstd_group} does not divide the {per_rank} images per "
+                "process, so D's minibatch statistics differ from a single-process run",
+                file=sys.stderr,
+            )
         self.spec: LatentSpec = latent_spec(cfg.latent)
         self.num_classes = num_classes(cfg)
         use_amp = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and self.device.type == "cuda")
@@ -309,13 +319,16 @@ class Trainer:
         self.opt_D = torch.optim.Adam(
             self.D.parameters(), lr=o.lr_d * mb, betas=(o.beta1**mb, o.beta2**mb), eps=o.eps
         )
-        # Latents, noise and fake grades come from this generator (per process), data order from the sampler.
-        self.gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + 17 + self.d.rank)
+        # Latents, noise and fake grades come from this generator, data order from the sampler. It is the
+        # same stream on every process: each draws the global batch's randomness and keeps its own rows
+        # (`_sample_fakes`, `BatchNoise`), so N processes compute what one process computes on the whole
+        # batch, and a resumed run (every rank restores rank 0's state) stays correct.
+        self.gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + 17)
         # Per-layer noise is drawn on the training device (a CPU generator on CUDA would copy every
         # noise tensor host-to-device); on the CPU the two generators are one.
         if self.device.type == "cuda":
             self.noise_gen = torch.Generator(device=self.device)
-            self.noise_gen.manual_seed(cfg.train.seed * 1_000_003 + 29 + self.d.rank)
+            self.noise_gen.manual_seed(cfg.train.seed * 1_000_003 + 29)
         else:
             self.noise_gen = self.gen
         self.step = 0
@@ -326,8 +339,11 @@ class Trainer:
         self._compiled_G: nn.Module = self.G
         self._compiled_D: nn.Module = self.D
         if cfg.train.compile:
-            self._compiled_G = torch.compile(self.G)  # type: ignore[assignment]
-            self._compiled_D = torch.compile(self.D)  # type: ignore[assignment]
+            # The compiled wrappers share parameters with G and D, which stay the modules that checkpoints
+            # save and load (no `_orig_mod.` keys; resume works with compile on or off). Static shapes: a
+            # training step has fixed shapes, and dynamic ones trip inductor on torch 2.14.
+            self._compiled_G = torch.compile(self.G, dynamic=False)  # type: ignore[assignment]
+            self._compiled_D = torch.compile(self.D, dynamic=False)  # type: ignore[assignment]
 
     # ---------------------------------------------------------------------------- checkpointing
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -409,6 +425,13 @@ class Trainer:
             raise CheckpointError(f"{meta_path}: the training data changed since this checkpoint was written")
 
     # ---------------------------------------------------------------------------- sampling
+    def _sample_fakes(self, n: int) -> tuple[Any, torch.Tensor | None]:
+        """Latents and fake grades of this process's n rows of the global batch (drawn whole, then cut)."""
+        total, start = n * self.d.world, n * self.d.rank
+        sample = self.spec.sample(total, self.gen, self.device)[start : start + n]
+        grade = self._sample_grades(total)
+        return sample, None if grade is None else grade[start : start + n]
+
     def _sample_grades(self, n: int) -> torch.Tensor | None:
         if self.num_classes == 0 or self.grade_probs is None:
             return None
@@ -420,9 +443,15 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def _run_G(self, sample: Any, grade: torch.Tensor | None) -> torch.Tensor:
-        return self._compiled_G(
-            sample.z_noise, sample.code(), grade, noise_mode="random", noise_generator=self.noise_gen
-        )
+        # The per-layer noise is drawn here, outside torch.compile (a draw from a torch.Generator cannot be
+        # traced and would split the compiled G at every layer), with the same draws the layers would make.
+        noise = self.G.draw_noise(len(sample), self._noise_source(len(sample)), self.device)
+        return self._compiled_G(sample.z_noise, sample.code(), grade, noise_mode="random", noise=noise)
+
+    def _noise_source(self, n: int) -> NoiseSource:
+        if self.d.world == 1:
+            return self.noise_gen
+        return BatchNoise(self.noise_gen, start=n * self.d.rank, batch=n * self.d.world)
 
     # ---------------------------------------------------------------------------- one step
     def train_step(self, real: torch.Tensor, real_grade: torch.Tensor | None) -> dict[str, float]:
@@ -437,8 +466,7 @@ class Trainer:
         # --- D phase: max V (logistic), Q (sharing D's trunk) learns to recover the codes of fakes.
         self.G.requires_grad_(False)
         self.D.requires_grad_(True)
-        sample = self.spec.sample(n, self.gen, self.device)
-        fake_grade = self._sample_grades(n)
+        sample, fake_grade = self._sample_fakes(n)
         with torch.no_grad(), self._autocast():
             fake = self._run_G(sample, fake_grade)
         with self._autocast():
@@ -476,8 +504,7 @@ class Trainer:
         # --- G phase: min -log D(G(z)) + beta * (-log Q(c | G(z', c))).
         self.G.requires_grad_(True)
         self.D.requires_grad_(False)
-        sample = self.spec.sample(n, self.gen, self.device)
-        fake_grade = self._sample_grades(n)
+        sample, fake_grade = self._sample_fakes(n)
         with self._autocast():
             fake = self._run_G(sample, fake_grade)
             out = self._compiled_D(fake, fake_grade)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import torch
 from retinagen.config import configs_dir, load_run_config, parse_overrides
 from retinagen.errors import CheckpointError, RetinagenError
 from retinagen.training.checkpoint import latest_valid_checkpoint, load_checkpoint
-from retinagen.training.loop import StreamSampler, train
+from retinagen.training.loop import StreamSampler, Trainer, train
 
 MSI = sorted((configs_dir() / "msi").glob("*.yaml"))
 
@@ -132,15 +133,81 @@ def test_cli_train_generate_traverse(synth_zip_16: Path, tmp_path: Path) -> None
     assert main(["generate", "--checkpoint", str(bogus), "--n", "1", "--out", str(out)]) == 2
 
 
-def test_ddp_two_processes_on_gloo(synth_zip_16: Path, tmp_path: Path) -> None:
-    run = tmp_path / "ddp"
+# A launcher for torchrun that trains like `python -m retinagen.cli` with the gradient all_reduce turned
+# off: the control run showing that the DDP test below fails when processes stop averaging gradients.
+_NO_ALLREDUCE = """
+import sys
+import retinagen.training.loop as loop
+loop._allreduce_grads = lambda module, world: None
+from retinagen.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+# Minibatch-stddev groups of 2 tile each process's 2 images (see Trainer): with the smoke preset's
+# default of 4, D's batch statistics would differ between 1 x 4 and 2 x 2 images by design.
+_DDP_SET = ["model.mbstd_group=2"]
+
+
+def _torchrun_train(data: Path, out: Path, launcher: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "retinagen.cli", "train", "--preset", "smoke", "--data", str(synth_zip_16), "--out", str(run)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *launcher,
+           "train", "--preset", "smoke", "--data", str(data), "--out", str(out), "--set", *_DDP_SET]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _weights(run: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A run's newest checkpoint: meta, and the parameters, buffers and Adam moments of G, D and G_ema.
+
+    Left out: the mapping network's running means of w (``w_avg``, ``w_avg_class``). Each process
+    tracks them from its own rows, as StyleGAN2-ADA does; they feed only the truncation trick, never a
+    loss or a gradient, and the per-grade means of two half batches are not those of the whole batch."""
     ck = load_checkpoint(latest_valid_checkpoint(run / "checkpoints"))
-    assert ck.meta["world_size"] == 2 and ck.meta["images_seen"] == 32
+    keep = {k: v for k, v in ck.tensors.items() if k.startswith(("G.", "D.", "G_ema.", "opt_"))}
+    return ck.meta, {k: v for k, v in keep.items() if not k.endswith(("mapping.w_avg", "mapping.w_avg_class"))}
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
+    """The largest absolute difference between same-named float tensors, and the name."""
+    assert sorted(a) == sorted(b)
+    return max(((a[k].double() - b[k].double()).abs().max().item(), k) for k in a if a[k].is_floating_point())
+
+
+@pytest.fixture(scope="module")
+def one_process_run(synth_zip_16: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("one") / "run"
+    train(_cfg(synth_zip_16, *_DDP_SET), run, progress=False)
+    return run
+
+
+def test_ddp_two_gloo_processes_on_half_batches_equal_one_process_on_the_whole_batch(
+    synth_zip_16: Path, one_process_run: Path, tmp_path: Path
+) -> None:
+    """2 processes x 2 images with the all_reduce = 1 process x 4 images: every process draws the global
+    batch's latents, grades and noise and keeps its rows, and gradients are averaged over processes."""
+    _torchrun_train(synth_zip_16, tmp_path / "ddp", ["-m", "retinagen.cli"])
+    meta, ddp = _weights(tmp_path / "ddp")
+    one_meta, one = _weights(one_process_run)
+    assert meta["world_size"] == 2 and one_meta["world_size"] == 1
+    assert meta["step"] == one_meta["step"] == 8 and meta["images_seen"] == one_meta["images_seen"] == 32
+    # Float rounding only (a sum of two half-batch means vs one mean, through 8 Adam steps).
+    assert _max_diff(ddp, one)[0] < 1e-4, _max_diff(ddp, one)
+    # The comparison has teeth: 8 steps moved the weights far more than that tolerance.
+    init = Trainer(_cfg(synth_zip_16, *_DDP_SET), tmp_path / "init", log=False)
+    start = {f"G.{k}": v for k, v in init.G.state_dict().items() if f"G.{k}" in one}
+    assert _max_diff({k: one[k] for k in start}, start)[0] > 1e-2
+
+
+def test_ddp_without_the_gradient_all_reduce_does_not_match_one_process(
+    synth_zip_16: Path, one_process_run: Path, tmp_path: Path
+) -> None:
+    """The control for the test above: processes that each step on their own half batch end elsewhere."""
+    launcher = tmp_path / "no_allreduce.py"
+    launcher.write_text(_NO_ALLREDUCE)
+    _torchrun_train(synth_zip_16, tmp_path / "ddp", [str(launcher)])
+    _, ddp = _weights(tmp_path / "ddp")
+    _, one = _weights(one_process_run)
+    assert _max_diff(ddp, one)[0] > 1e-3, _max_diff(ddp, one)
 
 
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
