@@ -34,6 +34,7 @@ from retinagen.data.prepare import (
 )
 from retinagen.data.sources import Record
 from retinagen.errors import RetinagenError
+from tests.outputs import leaks
 from tests.retinagen.data import dicom_fixtures as dfx
 
 RES = 32
@@ -258,8 +259,7 @@ def test_salted_eyepacs_every_problem_reported_and_no_valid_image_lost(
     splits = by_key(meta, "splits")
     assert splits["train/1_left.jpeg"] == splits["train/1_right.jpeg"]
     # No absolute path of this machine in the report or the ZIP.
-    text = report_path_for(out).read_text()
-    assert str(tmp_path) not in text and str(tmp_path) not in out.read_bytes().decode("latin-1")
+    assert not leaks([out, report_path_for(out)], [str(tmp_path)])  # ZIP members read decompressed
     assert report["data_root"] == "eyepacs" and report["resolution"] == RES
     assert report["timing"]["images_per_s"] > 0
 
@@ -312,11 +312,10 @@ def test_folder_csv_paths_dicom_and_no_phi(tmp_path: Path) -> None:
     assert "symlink" in rejected["link.jpeg"]
     assert "CT" in rejected["dcm/ct.dcm"]
     assert s.n_kept == 3 and s.n_rejected == 4
-    blob = out.read_bytes() + report_path_for(out).read_bytes()
-    for phi in dfx.PHI_STRINGS:
-        assert phi.encode() not in blob, phi
+    # Every file and every ZIP member decompressed (dataset.json is stored deflated).
+    assert not leaks([out, report_path_for(out)], dfx.PHI_STRINGS)
     # The absolute path in the CSV is quoted (that is the user's own text), but not our data root.
-    assert str(root).encode() not in blob
+    assert not leaks([out, report_path_for(out)], [str(root)])
 
 
 def test_dicom_source_keeps_fundus_and_reports_others(tmp_path: Path) -> None:
@@ -334,9 +333,7 @@ def test_dicom_source_keeps_fundus_and_reports_others(tmp_path: Path) -> None:
     assert by_key(meta, "eyes") == {"a.dcm": "left", "b.dcm": "right"}
     rejected = {r["file"]: r["reason"] for r in report["rejected"]}
     assert set(rejected) == {"c.dcm", "d.dcm"} and "pixel" in rejected["d.dcm"].lower()
-    blob = out.read_bytes() + report_path_for(out).read_bytes()
-    for phi in dfx.PHI_STRINGS:
-        assert phi.encode() not in blob, phi
+    assert not leaks([out, report_path_for(out)], dfx.PHI_STRINGS)
 
 
 # ------------------------------------------------------------------------------------------------
