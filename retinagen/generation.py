@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from retinagen.config import RunConfig, config_from_json
-from retinagen.errors import CheckpointError, RetinagenError
+from retinagen.errors import BadInputError, CheckpointError, RetinagenError
 from retinagen.latent import CodeValueError, LatentSample, LatentSpec
 from retinagen.networks.build import build_d, build_g, latent_spec, num_classes
 from retinagen.training.checkpoint import latest_valid_checkpoint, load_checkpoint, sha256_file
@@ -394,21 +395,27 @@ def write_generated(model: LoadedModel, out: Path, n: int, seed: int = 0, *, gra
     """Write ``n`` PNGs and ``manifest.csv`` (every row marked synthetic=1 with its provenance).
 
     ``also_write(rgb [H, W, 3] uint8, row)`` is called after each PNG with its manifest row (e.g. to
-    write the same image as DICOM, see ``retinagen generate --dicom``).
+    write the same image as DICOM, see ``retinagen generate --dicom``). Generating into a folder that
+    already holds a manifest adds to it (a file written again gets its new row). Every PNG left on disk
+    is listed as synthetic: when an error or Ctrl-C stops the run, the manifest is written with the
+    images so far, and if even that fails (a full disk), the PNGs this run wrote are removed.
     """
     from retinagen.fileio import atomic_write_bytes, atomic_write_text
     from retinagen.progress import progress_bar
 
     out = Path(out)
+    manifest = out / "manifest.csv"
+    rows = _read_manifest(manifest)  # file -> row; read first: a damaged manifest stops before any work
     out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    written: list[Path] = []
+
     def write_manifest() -> None:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS)
         writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(out / "manifest.csv", buf.getvalue())
+        writer.writerows(rows.values())
+        atomic_write_text(manifest, buf.getvalue())
 
     try:
         with progress_bar(n, "generate", enabled=progress) as bar:
@@ -417,7 +424,6 @@ def write_generated(model: LoadedModel, out: Path, n: int, seed: int = 0, *, gra
                 imgs, info = generate_images(model, m, seed=seed, grade=grade, codes=codes, start=start)
                 for j in range(m):
                     name = f"seed{seed}-{start + j:06d}.png"
-                    atomic_write_bytes(out / name, png_bytes(imgs[j]))
                     row = {
                         "file": name,
                         "level": int(info["grade"][j]),
@@ -428,19 +434,48 @@ def write_generated(model: LoadedModel, out: Path, n: int, seed: int = 0, *, gra
                         "model": model.cfg.msi_name,
                         "created": created,
                     }
-                    rows.append(row)
+                    atomic_write_bytes(out / name, png_bytes(imgs[j]))
+                    rows.pop(name, None)  # a rewritten file's row moves to the end, with its new provenance
+                    rows[name] = row
+                    written.append(out / name)
                     if also_write is not None:
                         also_write(imgs[j], row)
                 bar.advance(m)
     except BaseException:
-        # Every image already written stays marked synthetic: record them before the error propagates
-        # (best effort: on a full disk the manifest may not fit either).
-        if rows:
-            with contextlib.suppress(OSError):
-                write_manifest()
+        # Every image already written stays marked synthetic: record them before the error propagates.
+        # Where the manifest cannot be written either (a full disk), this run's PNGs go, so that no
+        # synthetic image is left without its manifest row.
+        try:
+            write_manifest()
+        except OSError:
+            for path in written:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            if written:
+                print(f"note: removed the {len(written)} images written before the error: {manifest} "
+                      "could not be written to mark them synthetic", file=sys.stderr)
         raise
     write_manifest()
-    return out / "manifest.csv"
+    return manifest
+
+
+def _read_manifest(path: Path) -> dict[str, dict[str, Any]]:
+    """The rows of an existing manifest by file name; {} when there is none. Refuses a damaged one."""
+    if not path.exists():
+        return {}
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != MANIFEST_COLUMNS:
+                raise BadInputError(path, f"not a retinagen manifest: its columns are {reader.fieldnames}, "
+                                          f"expected {MANIFEST_COLUMNS}")
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise BadInputError(path, f"cannot read the existing manifest ({type(exc).__name__})") from None
+    for i, row in enumerate(rows, start=2):
+        if None in row or any(v is None for v in row.values()) or row["synthetic"] != "1" or not row["file"]:
+            raise BadInputError(path, f"line {i} is malformed; move the folder's manifest away or write elsewhere")
+    return {row["file"]: row for row in rows}
 
 
 def write_traversal_grids(model: LoadedModel, out_dir: Path, *, steps: int = 7, samples: int = 8, seed: int = 0,

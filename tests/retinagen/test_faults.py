@@ -510,13 +510,60 @@ def test_full_disk_in_generate(
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert lines == [f"error: {out / 'seed0-000002.png'}: cannot write: {ENOSPC_TEXT} "
                      "(free some space or write elsewhere)"], err
-    # No temporary and no truncated file: what is there is whole. (The images written before the disk
-    # filled up stay, without a manifest: the run is visibly incomplete.)
+    # The manifest did not fit either, so the 2 images written before the disk filled up were removed:
+    # no synthetic image is left without its manifest row (SYN-1), and no temporary file.
+    assert sorted(p.name for p in out.iterdir()) == [], list(out.iterdir())
+    assert "removed the 2 images written before the error" in err
+
+
+def test_full_disk_part_way_in_generate_leaves_a_manifest_listing_every_image(
+    sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The 3rd image does not fit, the manifest then does: the 2 whole images stay, both listed."""
+    import csv
+
+    ck = sandbox.base / "ck" / "ckpt-000008.safetensors"
+    out = tmp_path / "gen"
+    real, calls = Path.write_bytes, []
+
+    def third_fails(self: Path, data: bytes) -> int:
+        calls.append(self)
+        if len(calls) == 3:
+            raise _enospc()
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", third_fails)
+    assert main(["generate", "--checkpoint", str(ck), "--n", "4", "--out", str(out)]) == 2
     assert _temporaries(out) == []
-    assert sorted(p.name for p in out.iterdir()) == ["seed0-000000.png", "seed0-000001.png"]
-    for p in out.iterdir():
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["seed0-000000.png", "seed0-000001.png"]
+    rows = list(csv.DictReader((out / "manifest.csv").open()))
+    assert [(r["file"], r["synthetic"]) for r in rows] == [(p, "1") for p in pngs]
+    for p in out.glob("*.png"):
         with Image.open(io.BytesIO(p.read_bytes())) as im:
             assert np.asarray(im).shape == (16, 16, 3)
+
+
+def test_generate_into_a_folder_with_a_manifest_adds_to_it(
+    sandbox: Sandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second seed into the same folder keeps the first run's rows; a damaged manifest stops first."""
+    import csv
+
+    ck = sandbox.base / "ck" / "ckpt-000008.safetensors"
+    out = tmp_path / "gen"
+    assert main(["generate", "--checkpoint", str(ck), "--n", "2", "--out", str(out)]) == 0
+    assert main(["generate", "--checkpoint", str(ck), "--n", "2", "--seed", "5", "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "manifest.csv").open()))
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert sorted(r["file"] for r in rows) == pngs and len(pngs) == 4 and {r["synthetic"] for r in rows} == {"1"}
+    (out / "manifest.csv").write_text("file,label\nx.png,1\n")
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(ck), "--n", "2", "--seed", "9", "--out", str(out)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and str(out / "manifest.csv") in lines[0] and "not a retinagen manifest" in lines[0]
+    assert _snapshot(out) == before
 
 
 def test_generate_interrupted_midway_keeps_its_images_marked(
