@@ -35,6 +35,24 @@ def _load(run: str | None, checkpoint_key: str, data: tuple[str, ...]) -> api.Da
     return api.load_run(run, data=[Path(d) for d in data])
 
 
+def require_upload_limit() -> None:
+    """Stop the app when the server would accept uploads over the dashboard's limit (UP-1).
+
+    Streamlit holds an upload in memory before the app sees it, so the app's own byte check alone would let a
+    server started with a looser ``server.maxUploadSize`` (Streamlit's default is 200 MB) take in far more.
+    """
+    from retinagen.data.uploads import MAX_UPLOAD_BYTES
+
+    limit_mb = MAX_UPLOAD_BYTES // (1024 * 1024)
+    server_mb = st.get_option("server.maxUploadSize")
+    if server_mb > limit_mb:
+        st.error(f"This server accepts uploads of up to {server_mb} MB; the dashboard allows {limit_mb} MB. "
+                 f"Start it with `retinagen dashboard`, or with `streamlit run apps/dashboard.py "
+                 f"--server.maxUploadSize {limit_mb}` (the repository's .streamlit/config.toml sets it when "
+                 "started from the repository's folder).")
+        st.stop()
+
+
 def get_run() -> api.DashboardRun:
     """The run this server was started on (command line / environment only, never the browser).
 

@@ -12,6 +12,7 @@ import streamlit as st
 from apps import common
 
 st.set_page_config(page_title="retinagen", page_icon=":material/visibility:", layout="wide")
+common.require_upload_limit()
 
 run = common.get_run()
 model = run.model

@@ -31,7 +31,7 @@ else:
 upload = st.file_uploader(
     f"Fundus photograph or DICOM file (PNG, JPEG or DICOM, at most {MAX_UPLOAD_BYTES // (1024 * 1024)} MB). "
     "The file's content decides its type, not its name.",
-    accept_multiple_files=False, key="ano_upload",
+    accept_multiple_files=False, key="ano_upload", max_upload_size=MAX_UPLOAD_BYTES // (1024 * 1024),
 )
 grid = st.select_slider("Heat-map regions per side", [2, 4, 8], value=4, key="ano_grid")
 

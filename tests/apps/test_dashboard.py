@@ -251,6 +251,43 @@ def test_no_fundus_unreadable_and_dicom_uploads_get_clear_messages_without_phi(r
     assert not any(s in _all_text(at.main) for s in dfx.PHI_STRINGS)
 
 
+def test_a_21_mb_upload_is_refused_before_it_is_decoded(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """UP-1 through the app: 21 MB of a valid JPEG header and padding is refused by size, nothing is decoded."""
+    import retinagen.data.uploads as uploads
+
+    decoded: list[int] = []
+    real = uploads.decode_image
+    monkeypatch.setattr(uploads, "decode_image", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    at = _app("anomaly")
+    at.file_uploader(key="ano_upload").set_value(("ok.jpg", _jpeg(dfx.retina_rgb(64)), "image/jpeg")).run()
+    assert decoded == [1]  # the premise: an upload the app takes is decoded through the patched reader
+    big = _jpeg(dfx.retina_rgb(256)) + b"\0" * (21 * 1024 * 1024)
+    at.file_uploader(key="ano_upload").set_value(("big.jpg", big, "image/jpeg")).run()
+    assert not at.exception
+    assert [e.value for e in at.error] == ["This file cannot be used: too large: more than the 20.0 MB limit."]
+    assert not at.metric and not _images(at) and decoded == [1]
+
+
+def test_the_app_refuses_a_server_that_accepts_larger_uploads(run_dir: Path) -> None:
+    """Started without the dashboard's settings (Streamlit's default accepts 200 MB), the app serves nothing."""
+    from streamlit import config
+    from streamlit.testing.v1 import AppTest
+
+    before = config.get_option("server.maxUploadSize")
+    assert before == 20  # the repository's .streamlit/config.toml, read from this folder as `streamlit run` does
+    config.set_option("server.maxUploadSize", 200)
+    try:
+        at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    finally:
+        config.set_option("server.maxUploadSize", before)
+    assert not at.exception
+    (err,) = at.error
+    assert "accepts uploads of up to 200 MB" in err.value and "--server.maxUploadSize 20" in err.value
+    assert not at.sidebar.markdown  # no page, no run summary
+    assert "--server.maxUploadSize" in (cmd := api.streamlit_command(run_dir))
+    assert cmd[cmd.index("--server.maxUploadSize") + 1] == "20"
+
+
 # --------------------------------------------------------------------------------------- training, metrics
 
 
