@@ -142,6 +142,12 @@ class TrainConfig(_Strict):
     seed: int = Field(0, ge=0)
     sample_grid: tuple[int, int] = (8, 4)  # columns x rows of the fixed-seed sample grid
 
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_off(cls, v: Any) -> Any:
+        # YAML 1.1 (safe_load) reads an unquoted `off` as false: `--set train.amp=off` and `amp: off` mean "off".
+        return "off" if v is False else v
+
 
 class RunConfig(_Strict):
     data: DataConfig = DataConfig()

@@ -2,9 +2,38 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+REAL_HOME_VARIABLE = "RETINAGEN_TEST_REAL_HOME"  # the user's real home, kept for tests/test_home_isolation.py
+# Where a program keeps per-user files: every test (and every process a test starts) gets a fresh folder
+# for each, so no test reads a developer's caches (statistics, Inception weights, dashboard state) or
+# writes into them.
+HOME_VARIABLES = ("HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME",
+                  "TORCH_HOME", "MPLCONFIGDIR")
+_fake_home: list[str] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Point HOME and the per-user cache/state/config variables at a temporary folder for the whole session.
+
+    Set before any test module is imported, so a path computed at import time is covered too."""
+    os.environ.setdefault(REAL_HOME_VARIABLE, str(Path.home()))
+    home = Path(tempfile.mkdtemp(prefix="retinagen-test-home-"))
+    _fake_home.append(str(home))
+    for name in HOME_VARIABLES:
+        target = home if name == "HOME" else home / name.lower()
+        target.mkdir(exist_ok=True)
+        os.environ[name] = str(target)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for home in _fake_home:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -74,9 +74,11 @@ class Dist:
 
 
 def init_distributed(device_kind: str) -> Dist:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); a no-op otherwise."""
+    """Join the process group when launched by torchrun (even with one process, so that
+    `torchrun --nproc_per_node 1` runs the same all_reduce path as a multi-process run); a no-op for a
+    plain process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         return Dist()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
@@ -84,8 +86,8 @@ def init_distributed(device_kind: str) -> Dist:
 
 
 def _allreduce_grads(module: nn.Module, world: int) -> None:
-    """Average gradients over processes with one flat all_reduce (no-op on one process)."""
-    if world <= 1:
+    """Average gradients over processes with one flat all_reduce (no-op without a process group)."""
+    if world <= 1 and not dist.is_initialized():
         return
     params = [p for p in module.parameters() if p.grad is not None]
     if not params:
@@ -101,7 +103,7 @@ def _allreduce_grads(module: nn.Module, world: int) -> None:
 
 
 def _broadcast_module(module: nn.Module, world: int) -> None:
-    if world <= 1:
+    if world <= 1 and not dist.is_initialized():
         return
     for t in list(module.parameters()) + list(module.buffers()):
         dist.broadcast(t.data, src=0)

@@ -115,3 +115,13 @@ def test_deep_merge_does_not_mutate() -> None:
     base = {"a": {"b": 1, "c": 2}}
     merged = deep_merge(base, {"a": {"b": 3}})
     assert merged == {"a": {"b": 3, "c": 2}} and base == {"a": {"b": 1, "c": 2}}
+
+
+def test_amp_off_unquoted_means_off(tmp_path: Path) -> None:
+    """YAML reads an unquoted `off` as false; `--set train.amp=off` and `amp: off` must still mean "off"."""
+    assert load_run_config("synthfundus", overrides=parse_overrides(["train.amp=off"])).train.amp == "off"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  amp: off\n")
+    assert load_run_config("synthfundus", config=cfg).train.amp == "off"
+    with pytest.raises(ConfigError, match="train.amp"):
+        load_run_config("synthfundus", overrides=parse_overrides(["train.amp=on"]))  # true is not a mode

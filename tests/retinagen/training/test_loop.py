@@ -148,9 +148,24 @@ sys.exit(main(sys.argv[1:]))
 _DDP_SET = ["model.mbstd_group=2"]
 
 
-def _torchrun_train(data: Path, out: Path, launcher: list[str]) -> None:
+# A launcher that counts the all_reduce calls of the run it starts (written to the file in argv[1]).
+_COUNT_ALLREDUCE = """
+import atexit, sys
+import torch.distributed as dist
+calls, real, out = [0], dist.all_reduce, sys.argv.pop(1)
+def counting(*args, **kwargs):
+    calls[0] += 1
+    return real(*args, **kwargs)
+dist.all_reduce = counting
+atexit.register(lambda: open(out, "w").write(str(calls[0])))
+from retinagen.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _torchrun_train(data: Path, out: Path, launcher: list[str], nproc: int = 2) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *launcher,
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *launcher,
            "train", "--preset", "smoke", "--data", str(data), "--out", str(out), "--set", *_DDP_SET]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -196,6 +211,21 @@ def test_ddp_two_gloo_processes_on_half_batches_equal_one_process_on_the_whole_b
     init = Trainer(_cfg(synth_zip_16, *_DDP_SET), tmp_path / "init", log=False)
     start = {f"G.{k}": v for k, v in init.G.state_dict().items() if f"G.{k}" in one}
     assert _max_diff({k: one[k] for k in start}, start)[0] > 1e-2
+
+
+def test_torchrun_with_one_process_runs_the_all_reduce_and_matches_a_plain_run(
+    synth_zip_16: Path, one_process_run: Path, tmp_path: Path
+) -> None:
+    """`torchrun --nproc_per_node 1` joins a process group (gloo here, NCCL on a GPU) and averages gradients
+    through it: the path a multi-GPU run takes, checked on one device; the weights are a plain run's."""
+    launcher, count = tmp_path / "count.py", tmp_path / "calls.txt"
+    launcher.write_text(_COUNT_ALLREDUCE)
+    _torchrun_train(synth_zip_16, tmp_path / "one", [str(launcher), str(count)], nproc=1)
+    assert int(count.read_text()) >= 8 * 2  # D and G phases of 8 steps at least (plus lazy R1 steps)
+    meta, ran = _weights(tmp_path / "one")
+    _, plain = _weights(one_process_run)
+    # Float rounding only (1 thread there, the suite's threads here: another summation order).
+    assert meta["world_size"] == 1 and _max_diff(ran, plain)[0] < 1e-4, _max_diff(ran, plain)
 
 
 def test_ddp_without_the_gradient_all_reduce_does_not_match_one_process(
