@@ -25,10 +25,9 @@ The grader
     gpu       DenseNet121, 7.0 M                                    256    6000   64
     ========  ====================================================  ======  =====  =========
 
-    Measured on this 2-core machine with one thread, one training step of batch 64 at 32 px takes
-    31 ms for the small DenseNet, 326 ms for DenseNet121 and 316 ms for EfficientNet-B0. The ``cpu``
-    preset trains one arm (1000 steps, ~2000 images, 32 epochs) in 32.5 CPU seconds on one thread;
-    DenseNet121 would need ~6 minutes per arm.
+    The small DenseNet is ~10x cheaper per step than DenseNet121 or EfficientNet-B0 at 32 px
+    (``python benchmarks/grader_step.py`` measures it); each trained grader records its own wall and
+    CPU seconds in ``meta["training"]``.
     Inputs are RGB uint8 scaled to [-1, 1], resized to the preset's side with antialiased bilinear
     interpolation (the same function for training, testing and `predict_proba`).
 
