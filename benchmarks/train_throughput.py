@@ -6,6 +6,7 @@ interval) and the achieved FLOP/s as a fraction of this machine's measured dense
 
     python benchmarks/train_throughput.py                       # CPU: cpu widths 64/128/256 + paper widths 64
     python benchmarks/train_throughput.py --device cuda --widths paper --resolutions 256 --batch 32
+    python benchmarks/train_throughput.py --compile-ab --widths cpu --resolutions 32,64 --steps 10
 
 On CUDA it also prints seconds per kimg (the StyleGAN2-ADA paper quotes 21.6-24.2 s/kimg at 256 px,
 batch 32, on one V100).
@@ -161,6 +162,58 @@ def bench(resolution: int, widths: str, batch: int, steps: int, device: str, amp
     }
 
 
+def _trainer(resolution: int, widths: str, batch: int, device: str, amp: str, compile_: bool) -> Trainer:
+    overrides = [f"model.resolution={resolution}", f"train.batch_size={batch}", f"train.device={device}",
+                 f"train.amp={amp}", f"train.compile={str(compile_).lower()}", *WIDTHS[widths]]
+    cfg = load_run_config("synthfundus", overrides=parse_overrides(overrides))
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = Trainer(cfg, Path(tmp), progress=False)
+    tr.grade_probs = torch.full((cfg.model.num_classes,), 1.0 / cfg.model.num_classes, dtype=torch.float64)
+    return tr
+
+
+def bench_compile_ab(resolution: int, widths: str, batch: int, steps: int, device: str, amp: str) -> dict:
+    """Eager and torch.compile steps of the same model, interleaved step by step in this process.
+
+    The compiled trainer's first steps (until every graph is built: D and G phases, the lazy-R1 step) are
+    timed separately as its warm-up. Then ``steps`` pairs alternate eager / compiled, so a machine shared with
+    other work slows both alike; the ratio's spread is over the pairs."""
+    eager = _trainer(resolution, widths, batch, device, amp, False)
+    compiled = _trainer(resolution, widths, batch, device, amp, True)
+    dev = eager.device
+    g = torch.Generator().manual_seed(0)
+    real = (torch.rand(batch, 3, resolution, resolution, generator=g) * 2 - 1).to(dev)
+    grade = torch.randint(0, eager.cfg.model.num_classes, (batch,), generator=g).to(dev)
+    k = eager.cfg.loss.r1_interval
+    t0 = time.perf_counter()
+    for _ in range(2):  # step 0 runs lazy R1, step 1 does not: every graph is compiled after these two
+        compiled.train_step(real, grade)
+    _sync(dev)
+    warmup_s = time.perf_counter() - t0
+    for _ in range(2):
+        eager.train_step(real, grade)
+    pairs: list[tuple[float, float]] = []
+    for _ in range(steps):
+        times = []
+        for tr in (eager, compiled):
+            t = time.perf_counter()
+            tr.train_step(real, grade)
+            _sync(dev)
+            times.append(time.perf_counter() - t)
+        pairs.append((times[0], times[1]))
+    ratios = sorted(e / c for e, c in pairs)
+    return {
+        "eager_img_s": batch / statistics.median(e for e, _ in pairs),
+        "compiled_img_s": batch / statistics.median(c for _, c in pairs),
+        "ratio_median": statistics.median(ratios),
+        "ratio_min": ratios[0],
+        "ratio_max": ratios[-1],
+        "warmup_s": warmup_s,
+        "r1_interval": k,
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -170,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"])
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile-ab", action="store_true",
+                    help="eager vs torch.compile, interleaved in one process: img/s of each, ratio, compile warm-up")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -182,6 +237,18 @@ def main(argv: list[str] | None = None) -> int:
     peak, peak_path = matmul_peak(device, peak_dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; measured dense matmul peak ({peak_dtype}, {peak_path}): {peak / 1e12:.3f} TFLOP/s")
+    if args.compile_ab:
+        print(f"{'res':>4} {'widths':>6} {'batch':>5} {'eager img/s':>11} {'compiled img/s':>14} "
+              f"{'ratio (min-max)':>20} {'compile warm-up s':>17} {'peak RSS MiB':>12}")
+        for w in widths:
+            for res in resolutions:
+                r = bench_compile_ab(res, w, batch, args.steps, args.device, args.amp)
+                spread = f"{r['ratio_median']:.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"
+                print(f"{res:>4} {w:>6} {batch:>5} {r['eager_img_s']:>11.1f} {r['compiled_img_s']:>14.1f} "
+                      f"{spread:>20} {r['warmup_s']:>17.1f} {r['peak_rss_mib']:>12.0f}", flush=True)
+        print(f"({args.steps} interleaved pairs from step 2; lazy R1 every {r['r1_interval']} steps lands in both "
+              "members of a pair)")
+        return 0
     print(f"{'res':>4} {'widths':>6} {'batch':>5} {'G M':>6} {'D M':>6} {'ms/step':>9} {'img/s':>8} "
           f"{'s/kimg':>8} {'GFLOP/img':>9} {'TFLOP/s':>8} {'% peak':>7} {'peak MiB':>9}")
     for w in widths:
