@@ -237,7 +237,10 @@ def quick_grid() -> Iterator[Case]:
             # The reported failure: a disc nearly touching the sides, a black band at top and bottom.
             yield from emit([Case(source, size, 0.48, 0.08, 0, "band")])
             # Extremes together: EyePACS' widest disc and deepest cut, corner crops, with the worst
-            # exposure and image quality.
+            # exposure and image quality. (At 2048 px these take most of the time and fail as they do
+            # at 512 px, which detection works at: they are left to the full grid.)
+            if size > 512:
+                continue
             for radius, (ct, cl), style, gamma in itertools.product(
                 (0.40, 0.50), ((0.3, 0), (0, 0.3), (0.1, 0.1), (0.2, 0)), ("band", "crop"), (0.7, 1.4)
             ):
@@ -271,17 +274,50 @@ def _summary(rows: list[tuple[Case, tuple[float, float] | str]]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+# The cases of the default grid the detector does not yet handle to 2 %, each named (strict: one that starts
+# passing fails the run until it is taken off). All are the same combination: a heavily pigmented fundus
+# with strong glare, underexposed (gamma 1.4) and JPEG-noisy (quality 30, surround noise up to 16/255),
+# mostly at 128 px and mostly synthetic; 12 are refused ("outline not circular": the glare patch and the
+# dim periphery split the bright region), 13 are found with a 2-5 % error (one, synth128 r0.50 tb0.20
+# band, finds a round glare patch: 33 % off). Tried and measured without closing it: three more
+# thresholds between the corner level and the fundus (22 left of these 25), a blur scaled to the
+# enlargement of small images (29 failures).
+KNOWN_FAILURES = frozenset({
+    "retina128-r0.40-tb0.00-lr0.30-band-g1.4-dark-glare-jpeg",
+    "retina128-r0.50-tb0.00-lr0.30-band-g1.4-dark-glare-jpeg",
+    "retina128-r0.50-tb0.00-lr0.30-crop-g1.4-dark-glare-jpeg",
+    "retina128-r0.50-tb0.10-lr0.10-band-g1.4-dark-glare-jpeg",
+    "retina128-r0.50-tb0.30-lr0.00-crop-g1.4-dark-glare-jpeg",
+    "retina512-r0.50-tb0.10-lr0.10-band-g1.4-dark-glare-jpeg",
+    "synth128-r0.40-tb0.00-lr0.30-band-g1.4-dark-glare-jpeg",
+    "synth128-r0.40-tb0.10-lr0.10-band-g1.4-dark-glare-jpeg",
+    "synth128-r0.40-tb0.10-lr0.10-crop-g1.4-dark-glare-jpeg",
+    "synth128-r0.40-tb0.20-lr0.00-band-g1.4-dark-glare-jpeg",
+    "synth128-r0.40-tb0.20-lr0.00-crop-g1.4-dark-glare-jpeg",
+    "synth128-r0.40-tb0.30-lr0.00-band-g1.4-dark-glare-jpeg",
+    "synth128-r0.40-tb0.30-lr0.00-crop-g1.4-dark-glare-jpeg",
+    "synth128-r0.50-tb0.00-lr0.30-band-g1.4-dark-glare-jpeg",
+    "synth128-r0.50-tb0.00-lr0.30-crop-g1.4-dark-glare-jpeg",
+    "synth128-r0.50-tb0.10-lr0.10-band-g1.4-dark-glare-jpeg",
+    "synth128-r0.50-tb0.10-lr0.10-crop-g1.4-dark-glare-jpeg",
+    "synth128-r0.50-tb0.20-lr0.00-band-g1.4-dark-glare-jpeg",
+    "synth128-r0.50-tb0.20-lr0.00-crop-g1.4-dark-glare-jpeg",
+    "synth128-r0.50-tb0.30-lr0.00-band-g1.4-dark-glare-jpeg",
+    "synth128-r0.50-tb0.30-lr0.00-crop-g1.4-dark-glare-jpeg",
+    "synth512-r0.40-tb0.20-lr0.00-crop-g1.4-dark-glare-jpeg",
+    "synth512-r0.50-tb0.10-lr0.10-band-g1.4-dark-glare-jpeg",
+    "synth512-r0.50-tb0.20-lr0.00-band-g1.4-dark-glare-jpeg",
+    "synth512-r0.50-tb0.20-lr0.00-crop-g1.4-dark-glare-jpeg",
+})
+
+
 def known_gap(case: Case) -> bool:
-    """The combination the detector does not yet handle to 2 %: a heavily pigmented fundus with
-    strong glare, underexposed (gamma 1.4) and JPEG-noisy, mostly synthetic. Some of these are
-    refused, some found with a 2-5 % error, one (synth, 128 px) has its round glare patch taken
-    for the FOV."""
-    return case.dark and case.glare and case.jpeg and case.gamma == 1.4
+    return case.name in KNOWN_FAILURES
 
 
 _QUICK = list(quick_grid())
 _MARKED = [
-    pytest.param(c, marks=pytest.mark.xfail(reason="known gap, see known_gap()", strict=False))
+    pytest.param(c, marks=pytest.mark.xfail(reason="known gap: dark + glare + gamma 1.4 + JPEG", strict=True))
     if known_gap(c)
     else c
     for c in _QUICK
@@ -302,6 +338,10 @@ def test_sweep_full_grid() -> None:
     bad = [(c.name, res) for c, res in rows if isinstance(res, str) or max(res) > 100 * MAX_ERROR]
     print("\n" + _summary(rows))
     assert not bad, f"{len(bad)} of {len(rows)} cases failed, e.g. {bad[:10]}"
+
+
+def test_known_failures_are_cases_of_the_grid() -> None:
+    assert {c.name for c in _QUICK} >= KNOWN_FAILURES  # a renamed case cannot hide in the list
 
 
 def test_quick_grid_covers_every_axis() -> None:

@@ -183,9 +183,36 @@ def _no_fundus_images() -> dict[str, np.ndarray]:
         "chelsea": skimage.data.chelsea(),
         "camera": skimage.data.camera(),
         "coins": skimage.data.coins(),
+        # Documents and other pictures a clinician might upload by mistake.
+        "text": skimage.data.text(),
+        "page": skimage.data.page(),
+        "coffee": skimage.data.coffee(),
+        "rocket": skimage.data.rocket(),
+        "moon": skimage.data.moon(),
+        "hubble_deep_field": skimage.data.hubble_deep_field(),
+        "immunohistochemistry": skimage.data.immunohistochemistry(),
+        "typed_report": _document(),
+        "typed_report_inverted": 255 - _document(),
+        "slide_title": _slide(),
         "tiny_fov": canvas,
         "too_small": np.zeros((16, 16, 3), np.uint8),
     }
+
+
+def _document() -> np.ndarray:
+    """A typed report page: dark text lines on a light page."""
+    doc = np.full((1100, 850, 3), 245, np.uint8)
+    for i, y in enumerate(range(80, 1050, 28)):
+        cv2.putText(doc, f"Report line {i}: findings within normal limits", (60, y), cv2.FONT_HERSHEY_SIMPLEX,
+                    0.6, (20, 20, 20), 1)
+    return doc
+
+
+def _slide() -> np.ndarray:
+    """A presentation slide: large white title on black (a dark surround, but no round field)."""
+    slide = np.zeros((720, 1280, 3), np.uint8)
+    cv2.putText(slide, "Fundus imaging", (200, 360), cv2.FONT_HERSHEY_SIMPLEX, 3, (255, 255, 255), 6)
+    return slide
 
 
 @pytest.mark.parametrize("name", list(_no_fundus_images()))
