@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +26,9 @@ from retinagen.metrics.evaluate import (
     load_report,
     real_attribute_labels,
 )
-from retinagen.metrics.fid import INCEPTION_ENV_VAR, FeatureExtractor
+from retinagen.metrics.fid import INCEPTION_ENV_VAR, FeatureExtractor, default_stats_cache_dir
 from retinagen.training.loop import train
+from tests.conftest import REAL_HOME_VARIABLE
 
 FAST = {
     "n_samples": 16,
@@ -264,6 +266,10 @@ def test_linfo_curve_stops_at_the_evaluated_checkpoint(
     rep = evaluate_checkpoint(
         early, synth_zip_16, tmp_path / "R.json", metrics=("kid",), **{**FAST, "top_factors": 0}
     )
+    # No stats_cache given: the default ~/.cache/retinagen/stats, inside the temporary home the whole
+    # session runs with (tests/conftest.py), never the developer's own.
+    cache, real_home = default_stats_cache_dir(), Path(os.environ[REAL_HOME_VARIABLE])
+    assert cache.is_dir() and cache.is_relative_to(os.environ["HOME"]) and not cache.is_relative_to(real_home)
     assert rep["model"]["step"] == 4 and rep["metrics"]["kid"]["status"] == "skipped"
     lin = rep["linfo"]
     assert (
