@@ -29,6 +29,9 @@ def pytest_configure(config: pytest.Config) -> None:
         target = home if name == "HOME" else home / name.lower()
         target.mkdir(exist_ok=True)
         os.environ[name] = str(target)
+    # A developer's own settings of the product's path variables (weights, encoder, dashboard run) stay out too.
+    for name in [n for n in os.environ if n.startswith("RETINAGEN_") and n != REAL_HOME_VARIABLE]:
+        del os.environ[name]
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

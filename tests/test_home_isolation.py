@@ -40,3 +40,7 @@ def test_a_process_a_test_starts_sees_the_same_home() -> None:
     code = "from pathlib import Path; from retinagen.metrics.fid import default_stats_cache_dir; print(default_stats_cache_dir())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert _inside(Path(out), Path(os.environ["HOME"])) and not _inside(Path(out), REAL_HOME), out
+
+
+def test_no_retinagen_path_variable_of_the_developer_reaches_the_tests() -> None:
+    assert [n for n in os.environ if n.startswith("RETINAGEN_") and n != REAL_HOME_VARIABLE] == []
