@@ -270,8 +270,25 @@ def test_float_image_is_unsupported(tmp_path: Path) -> None:
     assert "unsupported image mode 'F'" in reason_of(p)
 
 
-def test_mutated_files_never_leak_library_exceptions(tmp_path: Path) -> None:
-    """Random byte damage: the outcome is an image or ImageDecodeError, never a raw exception."""
+def test_mutated_files_never_leak_library_exceptions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Random byte damage: the outcome is an image or ImageDecodeError, never a raw exception.
+
+    The reason names the decoder's exception type, never its message (DEC-8): a message that could
+    quote file content or a path is raised from inside Pillow's decoder and must not reach the reason.
+    """
+    secret = "SECRET-/home/patient/Jane Doe"
+    good = tmp_path / "good.png"
+    good.write_bytes(png_bytes(retina(48)))
+    for exc_type in (OSError, SyntaxError, ValueError):
+
+        def leaky_load(self: object, exc_type: type[Exception] = exc_type) -> None:
+            raise exc_type(secret)
+
+        with monkeypatch.context() as m:
+            m.setattr(ImageFile.ImageFile, "load", leaky_load)
+            with pytest.raises(ImageDecodeError) as info:
+                read_image(good)
+        assert secret not in str(info.value) and exc_type.__name__ in info.value.reason
     rng = np.random.default_rng(1)
     sources = {".jpeg": jpeg_bytes(retina(48)), ".png": png_bytes(retina(48))}
     for k in range(60):
