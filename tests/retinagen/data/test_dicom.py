@@ -352,6 +352,22 @@ def test_refusals_name_file_and_reason(tmp_path: Path, case: str) -> None:
     assert reason in err.reason
 
 
+def test_an_unexpected_library_error_is_a_refusal_that_neither_quotes_nor_chains_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DEC-8: an exception nobody foresaw inside the reader (here from pydicom's parser) becomes a
+    DicomError that names only its type; its message, which could quote header values, is dropped
+    and not chained."""
+    import retinagen.data.dicom as dicom_mod
+
+    def broken_dcmread(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("PatientName=Jane^Doe")
+
+    monkeypatch.setattr(dicom_mod.pydicom, "dcmread", broken_dcmread)
+    err = _refused(fx.op8_rgb(tmp_path / "op8.dcm"))
+    assert "RuntimeError" in err.reason and "Jane" not in str(err)
+
+
 def test_a_bomb_frame_is_refused_before_it_reaches_the_decoder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
