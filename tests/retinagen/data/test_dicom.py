@@ -179,12 +179,18 @@ def test_jpeg_baseline_uses_pillow_only(tmp_path: Path, monkeypatch: pytest.Monk
         calls.append("pillow")
         return real_pillow(src, runner)
 
-    def forbidden(src: bytes, runner: object) -> bytes:
-        raise AssertionError("pylibjpeg must not be used")
+    def forbidden(name: str) -> object:
+        def plugin(src: bytes, runner: object) -> bytes:
+            calls.append(name)  # recorded: pydicom would swallow an exception and try the next plugin
+            raise AssertionError(f"{name} must not be used")
 
-    monkeypatch.setitem(decoder._available, "pillow", spy)
-    if "pylibjpeg" in decoder._available:
-        monkeypatch.setitem(decoder._available, "pylibjpeg", forbidden)
+        return plugin
+
+    # The optional plugins are registered (first, so pydicom's own order would pick them) whether or
+    # not they are installed here: only naming the plugin in the reader keeps them out.
+    monkeypatch.setattr(
+        decoder, "_available", {"pylibjpeg": forbidden("pylibjpeg"), "gdcm": forbidden("gdcm"), "pillow": spy}
+    )
     img = _read_checked(fx.jpeg_baseline(tmp_path / "jpg.dcm"))
     assert calls == ["pillow"]
     # And with pylibjpeg gone altogether (the shipped environment), the result is the same.
