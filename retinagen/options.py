@@ -361,10 +361,29 @@ def _config_overrides(items: list[str]) -> list[str]:
     from retinagen.config import parse_overrides
 
     try:
-        parse_overrides(items)
+        parsed = parse_overrides(items)
     except RetinagenError as exc:
         raise ValueError(str(exc)) from None
+    _known_keys(parsed)
     return items
+
+
+def _known_keys(tree: dict[str, Any]) -> None:
+    """Every ``section.key`` of a ``--set`` names a config field (an unknown one fails before training starts)."""
+    from pydantic import BaseModel
+
+    from retinagen.config import RunConfig
+
+    def walk(node: dict[str, Any], model: type[BaseModel], prefix: str) -> None:
+        for key, value in node.items():
+            field = model.model_fields.get(key)
+            if field is None:
+                raise ValueError(f"unknown config key {prefix + key!r}")
+            sub = field.annotation
+            if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
+                walk(value, sub, f"{prefix}{key}.")
+
+    walk(tree, RunConfig, "")
 
 
 def _power_of_two(n: int) -> int:

@@ -147,7 +147,7 @@ BAD_VALUES: dict[str, list[Bad]] = {
     "grades-or-all": [["x"], ["-1"]],
     "rebalance-target": [["bogus"], ["ratio:x"]],
     "assignment": [["novalue"], ["=1"]],
-    "config-overrides": [["noequals"], ["model.a.b=1", "model.a.b.c=2"], ["train.kimg=1", "train.kimg=2"]],
+    "config-overrides": [["noequals"], ["train.nosuchkey=1"], ["model.a.b=1", "model.a.b.c=2"], ["train.kimg=1", "train.kimg=2"]],
     "choice": [["bogus"]],
 }
 NO_BAD_VALUE = {
