@@ -275,20 +275,19 @@ def _summary(rows: list[tuple[Case, tuple[float, float] | str]]) -> str:
 
 
 # The cases of the default grid the detector does not yet handle to 2 %, each named (strict: one that starts
-# passing fails the run until it is taken off). All are the same combination: a heavily pigmented fundus
-# with strong glare, underexposed (gamma 1.4) and JPEG-noisy (quality 30, surround noise up to 16/255),
-# mostly at 128 px and mostly synthetic; 12 are refused ("outline not circular": the glare patch and the
-# dim periphery split the bright region), 13 are found with a 2-5 % error (one, synth128 r0.50 tb0.20
-# band, finds a round glare patch: 33 % off). Tried and measured without closing it: three more
-# thresholds between the corner level and the fundus (22 left of these 25), a blur scaled to the
-# enlargement of small images (29 failures).
+# passing fails the run until it is taken off). All are the same combination at 128 px: a heavily pigmented
+# fundus with strong glare, underexposed (gamma 1.4) and JPEG-noisy (quality 30, surround noise up to
+# 16/255), where one side of the FOV's rim is at the surround's noise level and the 2 % bar is 1-1.3 px.
+# 9 are refused ("outline not circular": the glare patch and the dim periphery split the bright region),
+# 9 are found with a 2-5.5 % error; none is a wrong object (a round glare patch taken for the disc, 33 %
+# off, is now refused by the "surrounded by black" check). 25 before the band-edge tolerance for enlarged
+# images and the edge-score check on the refinement; tried and not kept: three more thresholds between the
+# corner level and the fundus, a blur scaled to the enlargement, a wider band margin (each 20-29 failures).
 KNOWN_FAILURES = frozenset({
     "retina128-r0.40-tb0.00-lr0.30-band-g1.4-dark-glare-jpeg",
     "retina128-r0.50-tb0.00-lr0.30-band-g1.4-dark-glare-jpeg",
     "retina128-r0.50-tb0.00-lr0.30-crop-g1.4-dark-glare-jpeg",
-    "retina128-r0.50-tb0.10-lr0.10-band-g1.4-dark-glare-jpeg",
     "retina128-r0.50-tb0.30-lr0.00-crop-g1.4-dark-glare-jpeg",
-    "retina512-r0.50-tb0.10-lr0.10-band-g1.4-dark-glare-jpeg",
     "synth128-r0.40-tb0.00-lr0.30-band-g1.4-dark-glare-jpeg",
     "synth128-r0.40-tb0.10-lr0.10-band-g1.4-dark-glare-jpeg",
     "synth128-r0.40-tb0.10-lr0.10-crop-g1.4-dark-glare-jpeg",
@@ -300,14 +299,9 @@ KNOWN_FAILURES = frozenset({
     "synth128-r0.50-tb0.00-lr0.30-crop-g1.4-dark-glare-jpeg",
     "synth128-r0.50-tb0.10-lr0.10-band-g1.4-dark-glare-jpeg",
     "synth128-r0.50-tb0.10-lr0.10-crop-g1.4-dark-glare-jpeg",
-    "synth128-r0.50-tb0.20-lr0.00-band-g1.4-dark-glare-jpeg",
     "synth128-r0.50-tb0.20-lr0.00-crop-g1.4-dark-glare-jpeg",
     "synth128-r0.50-tb0.30-lr0.00-band-g1.4-dark-glare-jpeg",
     "synth128-r0.50-tb0.30-lr0.00-crop-g1.4-dark-glare-jpeg",
-    "synth512-r0.40-tb0.20-lr0.00-crop-g1.4-dark-glare-jpeg",
-    "synth512-r0.50-tb0.10-lr0.10-band-g1.4-dark-glare-jpeg",
-    "synth512-r0.50-tb0.20-lr0.00-band-g1.4-dark-glare-jpeg",
-    "synth512-r0.50-tb0.20-lr0.00-crop-g1.4-dark-glare-jpeg",
 })
 
 
