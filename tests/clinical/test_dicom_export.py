@@ -13,6 +13,7 @@ import copy
 import errno
 import io
 import json
+import logging
 import os
 import re
 import warnings
@@ -613,34 +614,73 @@ def test_fake_phi_everywhere_is_removed(tmp_path: Path) -> None:
     assert (code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning) == DEIDENTIFICATION_CODE
 
 
+# Invalid values that pydicom 3 quotes, in a "pydicom" log record and a UserWarning, when it converts
+# them (reading_validation_mode WARN, its default); it does not for an invalid DS, DA or TM.
+# tag, VR, raw value (a PHI-looking marker), where: (0016,008E) GPS Differential is removed (X),
+# the UIDs are replaced (U) at top level and inside Referenced Image Sequence.
+_LOGGED_WHEN_CONVERTED = (
+    (0x0016008E, "IS", b"Doe^Jane^IS "),
+    (0x0020000D, "UI", b"1.2.Doe^Jane^UI"),
+    (0x00081155, "UI", b"1.2.Doe^Jane^SQ"),
+)
+
+
+def _raw(tag: int, vr: str, value: bytes) -> RawDataElement:
+    if len(value) % 2:
+        value += b"\0" if vr == "UI" else b" "
+    return RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)
+
+
 def test_deferred_values_are_read_and_phi_is_never_logged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Invalid PHI values make pydicom log them when converted; de-identification must not convert
-    them. Values deferred by dcmread(defer_size=...) are still removed or carried over."""
+    """PHI-5: values that pydicom logs and warns about when converted are removed or replaced
+    without being converted; values deferred by dcmread(defer_size=...) are still removed or carried
+    over. The test first shows that converting them does log and warn (else it proves nothing)."""
+    assert pydicom.config.settings.reading_validation_mode == pydicom.config.WARN
     path = _fake_phi_op(tmp_path / "phi.dcm")
     ds = pydicom.dcmread(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        # Values pydicom quotes in its "Invalid value for VR ..." log lines when it converts them.
-        for tag, text in ((0x00101030, b"71.5 kg "), (0x00101020, b"1,73")):  # invalid DS weight/size
-            ds[tag] = RawDataElement(Tag(tag), "DS", len(text), text, 0, False, True)
-        ds.StudyInstanceUID = "1.2.826.0.01.779"  # invalid UI (leading zero)
-        ds.ReferencedImageSequence[0].ReferencedSOPInstanceUID = "1.2.826.0.PHI.778"  # invalid UI
+        for tag, vr, text in _LOGGED_WHEN_CONVERTED[:2]:
+            ds[tag] = _raw(tag, vr, text)
+        tag, vr, text = _LOGGED_WHEN_CONVERTED[2]
+        ds.ReferencedImageSequence[0][tag] = _raw(tag, vr, text)
         ds.add_new(0x00101040, "LO", "Long address " + "x" * 2000)  # deferred at 1 KB
         ds.save_as(path, enforce_file_format=True)
-    invalid = [b"71.5 kg", b"1,73", b"1.2.826.0.01.779", b"1.2.826.0.PHI.778"]
+    markers = [text.strip().decode() for _, _, text in _LOGGED_WHEN_CONVERTED]
+
+    # Control: converting each value logs and warns with it.
     caplog.clear()
-    with caplog.at_level("DEBUG"), warnings.catch_warnings(record=True) as caught:
+    with caplog.at_level("DEBUG", logger="pydicom"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        control = pydicom.dcmread(path)
+        for tag, _, _ in _LOGGED_WHEN_CONVERTED[:2]:
+            control[tag].value  # noqa: B018 - converts
+        control.ReferencedImageSequence[0][_LOGGED_WHEN_CONVERTED[2][0]].value  # noqa: B018
+    warned = "".join(str(w.message) for w in caught)
+    assert [m for m in markers if m not in caplog.text] == []
+    assert [m for m in markers if m not in warned] == []
+
+    caplog.clear()
+    with caplog.at_level("DEBUG", logger="pydicom"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         lazy = pydicom.dcmread(path, defer_size="1 KB")
         out = deidentify(lazy)
         data = _save_bytes(out, lazy)
-    logged = caplog.text + "".join(str(w.message) for w in caught)
-    assert [s for s in _phi_strings() + invalid if s.decode() in logged] == []
-    assert leaks_in_bytes(data, _phi_strings() + invalid + [b"Long address"]) == []
+    warned = "".join(str(w.message) for w in caught)
+    phi = [s.decode() for s in _phi_strings()] + markers
+    assert [s for s in phi if s in caplog.text] == []
+    assert [s for s in phi if s in warned] == []
+    # Nothing converted at all: pydicom's validation warnings are all that its reading logs above DEBUG.
+    assert [r.getMessage() for r in caplog.records if r.levelno > logging.DEBUG] == []
+    assert leaks_in_bytes(data, _phi_strings() + [m.encode() for m in markers] + [b"Long address"]) == []
+    reread = pydicom.dcmread(io.BytesIO(data))
+    assert "GPSDifferential" not in reread and "PatientAddress" not in reread
+    assert reread.StudyInstanceUID.startswith("2.25.")
+    assert reread.ReferencedImageSequence[0].ReferencedSOPInstanceUID.startswith("2.25.")
     # The deferred Pixel Data (9216 bytes) was read in and kept.
-    np.testing.assert_array_equal(pydicom.dcmread(io.BytesIO(data)).pixel_array, _rgb())
+    np.testing.assert_array_equal(reread.pixel_array, _rgb())
 
 
 def test_deidentify_without_file_meta_and_in_implicit_vr(tmp_path: Path) -> None:
