@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
+import retinagen.fileio
 from retinagen.errors import CheckpointError
 from retinagen.training.checkpoint import (
     config_mismatch,
@@ -16,6 +19,7 @@ from retinagen.training.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
+    sha256_file,
     unflatten_optimizer,
 )
 from retinagen.training.ema import ema_beta, update_ema
@@ -87,6 +91,51 @@ def test_latest_valid_skips_incomplete_and_corrupt(tmp_path: Path) -> None:
     second.with_suffix(".safetensors").write_bytes(b"\x00" * 20)
     assert latest_valid_checkpoint(tmp_path).name == "ckpt-000001.json"
     assert latest_valid_checkpoint(tmp_path / "nope") is None
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: not an Exception, so no handler in the writer catches it."""
+
+
+def test_the_json_commit_marker_is_renamed_into_place_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WRITE-2: the tensor file is complete under its final name before the JSON is renamed onto
+    its own; a kill right after the first rename leaves no checkpoint that is listed or loads."""
+    first = save_checkpoint(tmp_path / "ckpt-000001", _tensors(), {"step": 1})
+    real_replace = os.replace
+    renamed: list[str] = []
+
+    def recording_replace(src: str | Path, dst: str | Path) -> None:
+        dst = Path(dst)
+        if dst.suffix == ".json":
+            # At the commit, the tensors it names are on disk, whole, under their final name.
+            meta = json.loads(Path(src).read_text(encoding="utf-8"))
+            tensors = dst.with_name(meta["tensors_file"])
+            assert tensors.name in renamed and sha256_file(tensors) == meta["tensors_sha256"]
+        real_replace(src, dst)
+        renamed.append(dst.name)
+
+    monkeypatch.setattr(retinagen.fileio.os, "replace", recording_replace)
+    second = save_checkpoint(tmp_path / "ckpt-000002", _tensors(), {"step": 2})
+    assert renamed == ["ckpt-000002.safetensors", "ckpt-000002.json"]
+    assert load_checkpoint(second).meta["step"] == 2
+
+    # Killed just after the first of the two files is in place.
+    def dying_replace(src: str | Path, dst: str | Path) -> None:
+        real_replace(src, dst)
+        raise _Killed
+
+    monkeypatch.setattr(retinagen.fileio.os, "replace", dying_replace)
+    with pytest.raises(_Killed):
+        save_checkpoint(tmp_path / "ckpt-000003", _tensors(), {"step": 3})
+    monkeypatch.setattr(retinagen.fileio.os, "replace", real_replace)
+    assert not (tmp_path / "ckpt-000003.json").exists()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-000001.json", "ckpt-000002.json"]
+    assert latest_valid_checkpoint(tmp_path) == second
+    with pytest.raises(CheckpointError, match="missing"):
+        load_checkpoint(tmp_path / "ckpt-000003.safetensors")
+    assert load_checkpoint(first).meta["step"] == 1
 
 
 def test_optimizer_state_round_trip() -> None:
