@@ -25,6 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from retinagen.errors import ConfigError
 
+# The seeds of the fixed judges' synthetic sets (`retinagen.metrics.judges`): their train set and their
+# reference set. No training data may be rendered with them, or the judges would have seen a run's data.
+JUDGE_SEEDS = (7_340_033, 7_340_034)
+
 DATASETS = ("synthfundus", "eyepacs", "aptos", "celeba", "folder")
 PRESETS = ("smoke", "cpu", "gpu")
 
@@ -43,6 +47,13 @@ class DataConfig(_Strict):
     # Built-in synthetic fundus data (used when dataset == synthfundus and path is None).
     synth_n: int = Field(2000, ge=16, le=1_000_000)
     synth_seed: int = Field(0, ge=0)
+
+    @field_validator("synth_seed")
+    @classmethod
+    def _not_a_judge_seed(cls, v: int) -> int:
+        if v in JUDGE_SEEDS:
+            raise ValueError(f"{v} is one of the fixed judges' seeds {JUDGE_SEEDS}: training data must not be the judges' data")
+        return v
 
 
 class LatentConfig(_Strict):
@@ -141,6 +152,16 @@ class TrainConfig(_Strict):
     workers: int = Field(2, ge=0, le=64)
     seed: int = Field(0, ge=0)
     sample_grid: tuple[int, int] = (8, 4)  # columns x rows of the fixed-seed sample grid
+    # Generated images per snapshot scored by the fixed judges (fd_fundus, precision/recall, grade fidelity,
+    # L_info; `retinagen.metrics.quality`); the best snapshot by fd_fundus is kept. 0: no scoring.
+    quality_n: int = Field(256, ge=0, le=50_000)
+
+    @field_validator("quality_n")
+    @classmethod
+    def _quality_n_enough(cls, v: int) -> int:
+        if 0 < v < 128:
+            raise ValueError("must be 0 (no scoring) or at least 128 (the judges' 128 features need more images)")
+        return v
 
     @field_validator("amp", mode="before")
     @classmethod

@@ -1,0 +1,167 @@
+"""One quality row of a checkpoint, scored by the fixed judges (`retinagen.metrics.judges`).
+
+`score_checkpoint` is what ``benchmarks/quality.py`` prints per snapshot and what training logs at each
+snapshot (``quick=True``: the cheap part). The row holds:
+
+* ``fd_fundus``, ``precision``, ``recall``: ``n`` generated images (grades drawn equally often when the
+  model is grade-conditional) against the judges' reference set, in the judges' feature space;
+* ``fidelity`` per requested grade and ``referable_agreement`` (conditional models): the judge grader's
+  verdicts on those images;
+* ``L_info_discrete`` against ``H_discrete``: Q's mutual-information lower bound of the discrete codes on
+  ``n`` fresh generated images (the paper's Fig. 10, at this checkpoint rather than from the training log);
+* ``mig`` (not quick): Q on the judges' reference images, against their ground-truth factors;
+* ``acm`` (not quick): per attribute of a factor map discovered here (pigmentation, glare, field of view,
+  brightness, ...), the share of samples whose attribute follows the code.
+Every figure depends only on the checkpoint, the judges and ``seed``: two runs scored by one judge id are
+comparable.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from retinagen.metrics.judges import Judges, JudgeSpec, get_judges
+
+QUICK_N = 256  # images per quick (training-time) score
+ACM_ATTRIBUTES = ("pigmentation", "glare", "fov_area", "brightness")
+
+
+def _generate(model: Any, n: int, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """``n`` images of ``model`` (uint8 [N, R, R, 3]) and the grade each was asked for (conditional models)."""
+    from retinagen.generation import generate_images
+
+    if model.num_classes == 0:
+        imgs, _ = generate_images(model, n, seed)
+        return imgs, None
+    per = [n // model.num_classes + (1 if g < n % model.num_classes else 0) for g in range(model.num_classes)]
+    parts, grades = [], []
+    for g, k in enumerate(per):
+        if k:
+            imgs, _ = generate_images(model, k, seed, grade=g, start=g * n)
+            parts.append(imgs)
+            grades.append(np.full(k, g, np.int64))
+    return np.concatenate(parts), np.concatenate(grades)
+
+
+@torch.no_grad()
+def info_at_checkpoint(model: Any, n: int, seed: int, batch_size: int = 64) -> dict[str, float]:
+    """L_info (discrete codes, and all codes) of Q on ``n`` fresh samples of ``model``, with its bound H(C)."""
+    from retinagen.generation import image_seed, run_generator, sample_latents
+    from retinagen.training.losses import info_terms
+
+    if model.D is None or model.spec.n_codes == 0:
+        return {}
+    sample, grades = sample_latents(model, [image_seed(seed + 7, i) for i in range(n)])
+    imgs = run_generator(model, sample, grades, batch_size=batch_size)
+    q = []
+    for start in range(0, n, batch_size):
+        g = None if grades is None else grades[start : start + batch_size].to(model.device)
+        q.append(model.D(imgs[start : start + batch_size].to(model.device), g).q_params.float().cpu())
+    terms = info_terms(model.spec, torch.cat(q), sample)
+    return {
+        "L_info_discrete": float(terms.l_info_discrete),
+        "H_discrete": float(terms.discrete_bound),
+        "L_info": float(terms.l_info),
+    }
+
+
+def score_checkpoint(
+    model: Any,
+    judges: Judges,
+    *,
+    n: int = 1000,
+    seed: int = 0,
+    quick: bool = False,
+    mig: bool = True,
+    acm: bool = True,
+    acm_n: int = 50,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The quality row of a loaded model (see the module docstring); ``quick`` leaves MIG and ACM out."""
+    if model.resolution != judges.resolution:
+        raise ValueError(
+            f"the model draws {model.resolution} px images but these judges judge {judges.resolution} px: "
+            f"use judges built at {model.resolution} px"
+        )
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {
+        "judge": judges.judge_id,
+        "msi": model.cfg.msi_name,
+        "kimg": model.meta.get("kimg"),
+        "train_seconds": model.meta.get("train_seconds"),
+        "checkpoint_sha256": model.sha256,
+    }
+    imgs, grades = _generate(model, n, seed)
+    row.update(judges.score(imgs, grades))
+    row.update(info_at_checkpoint(model, min(n, 512), seed, batch_size))
+    if not quick and mig:
+        row["mig"] = _mig(model, judges, batch_size, seed, progress)
+    if not quick and acm:
+        row["acm"] = _acm(model, acm_n, seed, batch_size, progress)
+    row["score_seconds"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def _mig(model: Any, judges: Judges, batch_size: int, seed: int, progress: bool) -> float | None:
+    from retinagen.data.dataset import ZipImageDataset
+    from retinagen.metrics.evaluate import _mig_section
+
+    sec = _mig_section(model, ZipImageDataset(judges.reference_zip), 4, 10, None, seed, batch_size, progress)
+    return float(sec["mig"]) if sec.get("status") == "ok" else None
+
+
+def _acm(model: Any, acm_n: int, seed: int, batch_size: int, progress: bool) -> dict[str, float]:
+    """ACM (%) per attribute of `ACM_ATTRIBUTES` that the discovered factor map has a code for."""
+    from retinagen.metrics.discovery import discover_factors
+    from retinagen.metrics.evaluate import _acm_section
+
+    if model.spec.n_codes == 0:
+        return {}
+    fmap = discover_factors(model, n=32, steps=5, seed=seed, progress=progress, batch_size=batch_size).to_json()
+    sec = _acm_section(model, fmap, acm_n, 7, seed + 1, batch_size, progress)
+    if sec.get("status") != "ok":
+        return {}
+    out = {r["attribute"]: float(r["percent"]) for r in sec["rows"] if r["attribute"] in ACM_ATTRIBUTES}
+    return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+class SnapshotScorer:
+    """The training-time quick score (``train.quality_n`` images): `retinagen.training.loop.train` calls it
+    on each snapshot it writes. On the built-in synthetic data the judges' own reference set is the real
+    data; on any other fundus dataset the reference is up to ``n_reference`` images of the run's training
+    ZIP (in the judges' feature space) and grade fidelity is left out (the judge grader knows synthetic
+    lesions only)."""
+
+    def __init__(self, cfg: Any, *, judges: Judges | None = None, judges_dir: Any = None,
+                 progress: bool = True, n_reference: int = 1000) -> None:
+        self.n = int(cfg.train.quality_n)
+        self.synthetic = cfg.data.dataset == "synthfundus"
+        self.n_reference = n_reference
+        self.judges = judges or get_judges(JudgeSpec(resolution=cfg.model.resolution), judges_dir, progress=progress)
+        self._run_judges: Judges | None = self.judges if self.synthetic else None
+
+    def _judges_for(self, data_zip: Any) -> Judges:
+        if self._run_judges is None:
+            from retinagen.data.dataset import ZipImageDataset
+
+            ds = ZipImageDataset(data_zip)
+            idx = np.linspace(0, len(ds) - 1, min(len(ds), self.n_reference)).round().astype(int)
+            imgs = np.stack([np.asarray(ds.read_uint8(int(i))) for i in idx])
+            self._run_judges = self.judges.with_reference(self.judges.features(imgs), f"training data ({len(idx)})")
+        return self._run_judges
+
+    def __call__(self, checkpoint: Any, data_zip: Any) -> dict[str, Any]:
+        from retinagen.generation import load_model
+
+        model = load_model(checkpoint)
+        row = score_checkpoint(model, self._judges_for(data_zip), n=self.n, seed=0, quick=True)
+        if not self.synthetic:
+            row.pop("fidelity", None)
+            row.pop("referable_agreement", None)
+        return row

@@ -1,0 +1,262 @@
+"""The fixed judges: deterministic, data-only, refused when damaged, and validated like FID (Heusel et al.).
+
+The default 32 px judges ship with the package (retinagen/assets/judges/), so the disturbance tests validate
+the judges every run is scored by; tiny 16 px judges keep the building tests fast. The disturbance tests assert
+what makes a judge usable: held-out real images score near the floor, each disturbance raises fd_fundus as its
+level rises, mode dropping lowers recall.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from retinagen.config import JUDGE_SEEDS, load_run_config, parse_overrides
+from retinagen.errors import CheckpointError, ConfigError
+from retinagen.metrics import judges as jm
+from retinagen.metrics.judges import (
+    DISTURBANCES,
+    JudgeSpec,
+    build_judges,
+    disturb,
+    disturbance_table,
+    get_judges,
+    grade_fidelity,
+    held_out_real,
+    load_judges,
+    precision_recall,
+)
+
+TINY = JudgeSpec(resolution=16, n_train=160, n_reference=96, epochs=1, min_steps=10)
+DEFAULT = JudgeSpec()
+HELD_OUT_SEED = 4242
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _two_threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_judges(TINY, tmp_path_factory.mktemp("tiny") / "judges", progress=False)
+
+
+@pytest.fixture(scope="module")
+def shipped() -> jm.Judges:
+    judges = get_judges(DEFAULT)
+    assert judges.folder.parent == jm.SHIPPED_JUDGES_DIR, "the default judges must ship with the package"
+    return judges
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, np.ndarray, Any, list[str]]:
+    return held_out_real(DEFAULT, DEFAULT.n_reference, HELD_OUT_SEED, tmp_path_factory.mktemp("heldout"))
+
+
+# ------------------------------------------------------------------------------------------- building
+
+
+def test_a_rebuild_gives_the_same_files(tiny_dir: Path, tmp_path: Path) -> None:
+    again = build_judges(TINY, tmp_path / "again", progress=False)
+    first = json.loads((tiny_dir / "judges.json").read_text())["files"]
+    second = json.loads((again / "judges.json").read_text())["files"]
+    # The weights, the reference features and the reference images are byte-identical: same judge id.
+    for name in ("encoder.safetensors", "reference.safetensors", "reference.zip"):
+        assert second[name] == first[name], name
+    # encoder.json differs only in when it was made and how long that took.
+    a, b = (json.loads((d / "encoder.json").read_text()) for d in (tiny_dir, again))
+    for meta in (a, b):
+        meta.pop("created")
+        meta["training"].pop("seconds")
+    assert a == b
+    assert sorted(p.name for p in again.iterdir()) == sorted([*jm.JUDGE_FILES, "judges.json"])
+
+
+def test_judges_are_data_only_and_carry_their_validation(tiny_dir: Path) -> None:
+    j = load_judges(tiny_dir)
+    meta = j.meta
+    assert meta["spec"] == {**TINY.__dict__}
+    v = meta["validation"]
+    assert v["n_reference"] == TINY.n_reference
+    assert set(v["grade_accuracy_per_grade"]) <= {"0", "1", "2", "3", "4"}
+    assert 0.0 <= v["referable_accuracy"] <= 1.0 and v["fd_half_vs_half"] >= 0.0
+    assert j.judge_id == meta["files"]["encoder.safetensors"][:12]
+    # Data only: two safetensors files (an 8-byte length, then a JSON header), JSON, and a ZIP of PNGs + JSON.
+    for name in ("encoder.safetensors", "reference.safetensors"):
+        assert (tiny_dir / name).read_bytes()[8:9] == b"{", name
+    json.loads((tiny_dir / "encoder.json").read_text())
+    with zipfile.ZipFile(tiny_dir / "reference.zip") as zf:
+        assert {Path(n).suffix for n in zf.namelist()} <= {".png", ".json", ""}
+    # The reference images are a prepared dataset with ground-truth factors (MIG reads Q on them).
+    from retinagen.data.dataset import ZipImageDataset
+
+    ds = ZipImageDataset(j.reference_zip)
+    assert len(ds) == len(j.ref_features) == TINY.n_reference and ds.resolution == 16
+    assert "pigmentation" in j.factor_names and j.ref_factors.shape == (TINY.n_reference, len(j.factor_names))
+
+
+@pytest.mark.parametrize("name", jm.JUDGE_FILES)
+def test_a_changed_or_missing_file_is_refused(tiny_dir: Path, tmp_path: Path, name: str) -> None:
+    copy = tmp_path / "j"
+    shutil.copytree(tiny_dir, copy)
+    data = bytearray((copy / name).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (copy / name).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{name}: contents do not match"):
+        load_judges(copy)
+    (copy / name).unlink()
+    with pytest.raises(CheckpointError, match=f"{name}: missing"):
+        load_judges(copy)
+
+
+def test_a_judges_json_that_is_not_one_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "j"
+    shutil.copytree(tiny_dir, copy)
+    (copy / "judges.json").write_bytes(b"\x00\xff garbage")
+    with pytest.raises(CheckpointError, match="judges.json: not readable judges"):
+        load_judges(copy)
+    meta = json.loads((tiny_dir / "judges.json").read_text())
+    del meta["files"]["reference.zip"]
+    (copy / "judges.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="expected"):
+        load_judges(copy)
+
+
+def test_an_interrupted_build_leaves_nothing_that_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import retinagen.metrics.encoder as enc
+
+    def boom(*a: Any, **k: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(enc, "train_fundus_encoder", boom)
+    with pytest.raises(KeyboardInterrupt):
+        get_judges(TINY, tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_training_data_may_not_use_the_judges_seeds() -> None:
+    assert JudgeSpec().seeds == JUDGE_SEEDS
+    for seed in JUDGE_SEEDS:
+        with pytest.raises(ConfigError, match="judges' seeds"):
+            load_run_config("synthfundus", preset="smoke", overrides=parse_overrides([f"data.synth_seed={seed}"]))
+    load_run_config("synthfundus", preset="smoke", overrides=parse_overrides([f"data.synth_seed={JUDGE_SEEDS[1] + 1}"]))
+    with pytest.raises(ValueError, match="not held out"):
+        held_out_real(TINY, 10, TINY.seed, Path("unused"))
+
+
+# ------------------------------------------------------------------------------------------- scores
+
+
+def test_grade_fidelity_counts_confident_verdicts() -> None:
+    proba = np.array([[0.9, 0.1, 0, 0, 0], [0.4, 0.6, 0, 0, 0], [0.2, 0.3, 0.5, 0, 0], [0.5, 0, 0, 0, 0.5]])
+    out = grade_fidelity(proba, np.array([0, 0, 2, 4]))
+    assert out["fidelity"] == {0: 0.5, 2: 1.0, 4: 1.0}
+    # judged referable (p(grade >= 2) >= 0.5): rows 2 and 3; requested referable: rows 2 and 3.
+    assert out["referable_agreement"] == 1.0
+    assert grade_fidelity(proba, np.array([4, 4, 0, 0]))["referable_agreement"] == 0.0
+
+
+def test_precision_and_recall_tell_fidelity_from_diversity() -> None:
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(400, 8))
+    same = rng.normal(size=(400, 8))
+    collapsed = rng.normal(scale=0.2, size=(400, 8))  # inside the real manifold, a fraction of its spread
+    off = rng.normal(loc=4.0, size=(400, 8))
+    p, r = precision_recall(same, real)
+    assert p > 0.8 and r > 0.8
+    p, r = precision_recall(collapsed, real)
+    assert p > 0.95 and r < 0.3
+    p, r = precision_recall(off, real)
+    assert p < 0.2
+
+
+def test_held_out_real_images_score_near_the_floor_and_every_disturbance_moves_fd(
+    shipped: jm.Judges, held_out: tuple[np.ndarray, np.ndarray, Any, list[str]]
+) -> None:
+    imgs, grades, factors, names = held_out
+    rows = disturbance_table(shipped, imgs, grades, factors, names)
+    by = {(r["disturbance"], r["level"]): r for r in rows}
+    floor = by[("none", 0.0)]
+    # Held-out real images are about as close to the reference as one half of it is to the other half
+    # (1000 vs 1000 images against 500 vs 500), and far below any visible disturbance.
+    assert floor["fd_fundus"] < max(2 * shipped.meta["validation"]["fd_half_vs_half"], 1.0)
+    assert floor["recall"] > 0.8 and floor["precision"] > 0.8
+    for name in ("blur", "noise", "colour", "occlusion", "pigmentation_range", "repeated"):
+        fds = [floor["fd_fundus"]] + [by[(name, lv)]["fd_fundus"] for lv in DISTURBANCES[name]]
+        assert all(a < b for a, b in zip(fds, fds[1:], strict=False)), (name, fds)
+        assert fds[-1] > 10 * floor["fd_fundus"], (name, fds)
+    for name in ("pigmentation_range", "repeated"):
+        recalls = [floor["recall"]] + [by[(name, lv)]["recall"] for lv in DISTURBANCES[name]]
+        assert all(a >= b for a, b in zip(recalls, recalls[1:], strict=False)), (name, recalls)
+        assert recalls[-1] < 0.1, (name, recalls)
+    assert by[("one_grade", 0.0)]["fd_fundus"] > 10 * floor["fd_fundus"]
+    assert by[("one_grade", 0.0)]["recall"] < 0.8 * floor["recall"]
+
+
+@pytest.mark.slow
+def test_the_shipped_judges_are_what_a_rebuild_gives(shipped: jm.Judges, tmp_path: Path) -> None:
+    rebuilt = build_judges(DEFAULT, tmp_path / "judges", progress=False)
+    files = json.loads((rebuilt / "judges.json").read_text())["files"]
+    for name in ("encoder.safetensors", "reference.safetensors", "reference.zip"):
+        assert files[name] == shipped.meta["files"][name], name
+
+
+def test_disturbances_are_deterministic_and_keep_shapes(held_out: tuple[np.ndarray, np.ndarray, Any, list[str]]) -> None:
+    imgs, grades, factors, names = held_out
+    for name, levels in DISTURBANCES.items():
+        a = disturb(name, levels[-1], imgs, grades, factors, names)
+        b = disturb(name, levels[-1], imgs, grades, factors, names)
+        assert a.shape == imgs.shape and a.dtype == np.uint8 and np.array_equal(a, b), name
+    with pytest.raises(ValueError, match="unknown disturbance"):
+        disturb("sharpen", 1.0, imgs, grades, factors, names)
+
+
+def test_the_grader_judge_reads_grades_of_real_images(shipped: jm.Judges) -> None:
+    v = shipped.meta["validation"]
+    assert v["referable_accuracy"] > 0.95
+    # Chance for a judge trained on equally likely grades is ~0.2; every grade is read well above it.
+    assert v["grade_accuracy"] > 0.5 and min(v["grade_accuracy_per_grade"].values()) > 0.4
+
+
+def test_score_of_a_checkpoint(tiny_dir: Path, tmp_path: Path, synth_zip_16: Path) -> None:
+    from retinagen.generation import load_model
+    from retinagen.metrics.quality import score_checkpoint
+    from retinagen.training.loop import train
+
+    cfg = load_run_config("synthfundus", preset="smoke", overrides=parse_overrides([f"data.path={synth_zip_16}"]))
+    run = tmp_path / "run"
+    train(cfg, run, progress=False)
+    model = load_model(run)
+    judges = load_judges(tiny_dir)
+    row = score_checkpoint(model, judges, n=40, seed=0, acm_n=4)
+    assert row["judge"] == judges.judge_id and row["n"] == 40
+    assert row["kimg"] == model.meta["kimg"] and row["train_seconds"] > 0
+    assert row["fd_fundus"] > 0 and 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
+    if model.num_classes:
+        assert set(row["fidelity"]) == set(range(model.num_classes))
+    assert row["H_discrete"] >= 0 and row["L_info_discrete"] <= row["H_discrete"] + 1e-6
+    assert "mig" in row and isinstance(row["acm"], dict)
+    again = score_checkpoint(model, judges, n=40, seed=0, quick=True)
+    assert again["fd_fundus"] == pytest.approx(row["fd_fundus"], rel=1e-6)
+    assert "mig" not in again and "acm" not in again
+    with pytest.raises(ValueError, match="judges built at 16 px"):
+        score_checkpoint(model, load_judges_at(judges, 32), n=8)
+
+
+def load_judges_at(judges: jm.Judges, res: int) -> jm.Judges:
+    """The same judges claiming another resolution (only the check reads it)."""
+    meta = {**judges.meta, "spec": {**judges.meta["spec"], "resolution": res}}
+    return jm.Judges(judges.folder, meta, judges.encoder, {"features": torch.from_numpy(judges.ref_features),
+                                                           "grades": torch.from_numpy(judges.ref_grades)})
