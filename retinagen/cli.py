@@ -229,7 +229,14 @@ def train(
         ck_dir = run_dir / "checkpoints"
         if ck_dir.is_dir() and any(ck_dir.iterdir()):
             raise RetinagenError(f"{run_dir} already holds checkpoints: continue it with --resume {run_dir}, or pick a new --out")
-    summary = run_training(cfg, run_dir, resume=resume is not None)
+    scorer = None
+    if cfg.train.quality_n and cfg.data.dataset != "celeba" and int(os.environ.get("RANK", "0")) == 0:
+        from retinagen.metrics.quality import SnapshotScorer
+
+        scorer = SnapshotScorer(cfg)  # builds the fixed judges once per resolution (minutes), then cached
+        typer.echo(f"scoring each snapshot on {cfg.train.quality_n} images with judges {scorer.judges.judge_id} "
+                   "(metrics.jsonl quality/*; --set train.quality_n=0 turns it off)", err=True)
+    summary = run_training(cfg, run_dir, resume=resume is not None, snapshot_score=scorer)
     # Stopped by a signal: the snapshot is written; skip the grids (a scheduler's SIGKILL follows its SIGTERM).
     if summary.last_checkpoint is not None and summary.stop_signal is None and int(os.environ.get("RANK", "0")) == 0:
         from retinagen.generation import load_model, write_traversal_grids
@@ -241,6 +248,9 @@ def train(
         f"{state}: {summary.images_seen / 1000:.2f} kimg in {summary.elapsed_s:.0f} s ({summary.images_per_s:.1f} img/s); "
         f"run folder {run_dir} (checkpoints/, samples/, traversals/, metrics.jsonl)"
     )
+    best = sorted((run_dir / "checkpoints").glob("best-*.json"))
+    if best:
+        typer.echo(f"best snapshot by fd_fundus: {best[-1].with_suffix('.safetensors')}")
     if summary.stopped_early:
         typer.echo(f"resume with: retinagen train --resume {run_dir}")
     if summary.stop_signal is not None:

@@ -865,6 +865,9 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, float]], int]:
 
 
 LOSS_KEYS = ("loss/D", "loss/G")
+# Per-snapshot scores of the fixed judges (training's quality/* lines); fd_fundus apart (its own scale).
+QUALITY_FD_KEY = "quality/fd_fundus"
+QUALITY_SHARE_KEYS = ("quality/precision", "quality/recall", "quality/referable_agreement")
 INFO_KEYS = ("info/L_info_discrete", "info/H_discrete", "info/L_info")
 
 

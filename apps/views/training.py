@@ -29,6 +29,18 @@ else:
         st.caption("info/L_info_discrete rises towards info/H_discrete (its upper bound, the entropy of the "
                    "discrete codes) as Q learns to recover them (paper, Figure 10). info/L_info adds the uniform "
                    "codes' Gaussian log-likelihood, which has no such bound.")
+    if api.QUALITY_FD_KEY in df:
+        q = df[df[api.QUALITY_FD_KEY].notna()]
+        st.subheader("Quality at each snapshot (fixed judges)")
+        st.line_chart(q[[api.QUALITY_FD_KEY]], x_label=x, y_label="fd_fundus (lower is better)")
+        share_cols = [c for c in api.QUALITY_SHARE_KEYS if c in q]
+        share_cols += sorted(c for c in q if c.startswith("quality/fidelity/"))
+        if share_cols:
+            st.line_chart(q[share_cols], x_label=x, y_label="share")
+        best = q[api.QUALITY_FD_KEY].idxmin()
+        st.caption(f"fd_fundus, precision / recall and grade fidelity of {len(q)} snapshots, scored by the fixed "
+                   f"judges on generated images; lowest fd_fundus {q[api.QUALITY_FD_KEY].min():.2f} at {x} "
+                   f"{best:g} (kept as checkpoints/best-*.safetensors).")
     st.caption(f"{len(rows):,} logged steps" + (f"; {bad} unreadable line(s) skipped" if bad else ""))
 
 st.subheader("Sample grids")

@@ -144,6 +144,33 @@ def save_checkpoint(path_stem: str | Path, tensors: Mapping[str, torch.Tensor], 
     return json_path
 
 
+def copy_checkpoint(meta_path: str | Path, dest_stem: str | Path, extra_meta: Mapping[str, Any]) -> Path:
+    """Copy a complete checkpoint to ``<dest_stem>.safetensors`` + ``.json`` (same order and atomicity as
+    `save_checkpoint`), adding ``extra_meta`` to its JSON; the tensors are hard-linked where the file system
+    allows (no second copy on disk), copied otherwise. Returns the new JSON path."""
+    import os
+    import shutil
+
+    src_json = Path(meta_path)
+    src_tensors = src_json.with_suffix(".safetensors")
+    stem = Path(dest_stem)
+    tensor_path, json_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    meta = json.loads(src_json.read_text(encoding="utf-8"))
+    with atomic_path(tensor_path) as tmp:
+        try:
+            tmp.unlink()  # atomic_path made an empty placeholder; the link takes its name
+            os.link(src_tensors, tmp)
+        except OSError:
+            shutil.copyfile(src_tensors, tmp)
+    if sha256_file(tensor_path) != meta.get("tensors_sha256"):
+        tensor_path.unlink(missing_ok=True)
+        raise CheckpointError(f"{src_tensors}: contents do not match the sha256 in {src_json.name}; not copied")
+    meta.update(extra_meta)
+    meta["tensors_file"] = tensor_path.name
+    atomic_write_json(json_path, meta)
+    return json_path
+
+
 def _meta_path_for(path: Path) -> Path:
     if path.suffix == ".json":
         return path

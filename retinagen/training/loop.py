@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from retinagen.progress import progress_bar
 from retinagen.training import losses
 from retinagen.training.checkpoint import (
     config_mismatch,
+    copy_checkpoint,
     flatten_optimizer,
     latest_valid_checkpoint,
     list_checkpoints,
@@ -335,6 +336,9 @@ class Trainer:
             self.noise_gen = self.gen
         self.step = 0
         self.images_seen = 0
+        # Training wall time over all sessions of the run (restored on resume): what "same wall time" compares.
+        self.train_seconds = 0.0
+        self._clock: float | None = None  # perf_counter at the start of this session's training loop
         self.grade_probs: torch.Tensor | None = None
         self.dataset_fingerprint: str | None = None
 
@@ -365,6 +369,9 @@ class Trainer:
         meta = {"opt_G": mg, "opt_D": md}
         return tensors, meta
 
+    def elapsed_train_seconds(self) -> float:
+        return self.train_seconds + (time.perf_counter() - self._clock if self._clock is not None else 0.0)
+
     def meta(self) -> dict[str, Any]:
         return {
             "kind": "retinagen-msi",
@@ -376,6 +383,7 @@ class Trainer:
             "step": self.step,
             "images_seen": self.images_seen,
             "kimg": self.images_seen / 1000.0,
+            "train_seconds": round(self.elapsed_train_seconds(), 3),
             "world_size": self.d.world,
             "dataset_fingerprint": self.dataset_fingerprint,
             "grade_probs": None if self.grade_probs is None else [float(x) for x in self.grade_probs],
@@ -423,6 +431,7 @@ class Trainer:
                 self.noise_gen.set_state(ck.tensors["rng.noise"])
         self.step = int(ck.meta["step"])
         self.images_seen = int(ck.meta["images_seen"])
+        self.train_seconds = float(ck.meta.get("train_seconds", 0.0))
         if ck.meta.get("dataset_fingerprint") and self.dataset_fingerprint not in (None, ck.meta["dataset_fingerprint"]):
             raise CheckpointError(f"{meta_path}: the training data changed since this checkpoint was written")
 
@@ -553,6 +562,70 @@ class Trainer:
         return path
 
 
+SnapshotScore = Callable[[Path, Path], dict[str, Any]]
+BEST_PREFIX = "best-"  # checkpoints/best-<step>.{json,safetensors}: the lowest fd_fundus of the run so far
+
+
+def _best_logged_fd(metrics_path: Path) -> float:
+    """The lowest ``quality/fd_fundus`` logged so far (a resumed run keeps its best)."""
+    best = math.inf
+    for line in _read_metrics(metrics_path, sys.maxsize):
+        value = json.loads(line).get("quality/fd_fundus")
+        if isinstance(value, int | float) and math.isfinite(value):
+            best = min(best, float(value))
+    return best
+
+
+def _score_snapshot(trainer: Trainer, score: SnapshotScore, ck: Path, data_zip: Path, metrics_path: Path,
+                    writer: Any, best_fd: float) -> float:
+    """Score snapshot ``ck``, log the row, keep it as the best snapshot if it is; returns the best fd_fundus."""
+    t = time.perf_counter()
+    try:
+        row = score(ck, data_zip)
+    except RetinagenError as exc:  # a broken judges cache must not stop a long run: say so, train on
+        print(f"warning: snapshot {ck.name} not scored: {exc}", file=sys.stderr)
+        row = {}
+    record: dict[str, Any] = {"step": trainer.step, "kimg": trainer.images_seen / 1000.0}
+    for key, value in _flatten(row).items():
+        if key not in ("kimg", "n"):
+            record[f"quality/{key}"] = value
+    if row.get("judge"):
+        record["quality/judge"] = str(row["judge"])  # scores are comparable between runs of one judge id
+    fd = record.get("quality/fd_fundus")
+    is_best = isinstance(fd, int | float) and math.isfinite(fd) and fd < best_fd
+    if row:
+        record["quality/best"] = int(is_best)
+        with open(metrics_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if writer is not None:
+            for k, v in record.items():
+                if k.startswith("quality/") and isinstance(v, int | float):
+                    writer.add_scalar(k, v, trainer.step)
+    if is_best:
+        folder = ck.parent
+        new = copy_checkpoint(ck, folder / f"{BEST_PREFIX}{trainer.step:06d}", {"quality": row})
+        for old in folder.glob(f"{BEST_PREFIX}*.json"):
+            if old != new:
+                old.unlink(missing_ok=True)
+                old.with_suffix(".safetensors").unlink(missing_ok=True)
+        best_fd = float(fd)
+    if trainer._clock is not None:
+        trainer._clock += time.perf_counter() - t  # scoring is not training time
+    return best_fd
+
+
+def _flatten(row: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a score row as flat keys (``fidelity/2``); strings (judge id, sha) are dropped."""
+    out: dict[str, float] = {}
+    for k, v in row.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        elif isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v)):
+            out[key] = float(v)
+    return out
+
+
 def _read_metrics(path: Path, upto_step: int) -> list[str]:
     if not path.is_file():
         return []
@@ -573,10 +646,16 @@ def train(
     resume: bool = False,
     progress: bool = True,
     max_steps: int | None = None,
+    snapshot_score: SnapshotScore | None = None,
 ) -> TrainSummary:
     """Train (or resume) a run in ``run_dir``; returns when ``cfg.train.kimg`` images have been shown.
 
     ``max_steps`` stops early after that many steps in total (tests use it to cut a run in half).
+    ``snapshot_score(checkpoint, data_zip)`` (the CLI passes `retinagen.metrics.quality.SnapshotScorer`)
+    scores each snapshot on the main process: its numeric fields go to metrics.jsonl and TensorBoard as
+    ``quality/<name>``, and the snapshot with the lowest ``fd_fundus`` so far is kept as
+    ``checkpoints/best-<step>`` (outside the rotation of ``keep_checkpoints``). Scoring time is not counted
+    in the run's ``train_seconds``.
     """
     from retinagen.data.dataset import ZipImageDataset
 
@@ -650,7 +729,9 @@ def train(
     next_snapshot = (trainer.images_seen // snapshot_every + 1) * snapshot_every
     next_sample = (trainer.images_seen // sample_every + 1) * sample_every
     last_ck: Path | None = None
+    best_fd = _best_logged_fd(metrics_path) if d.main else math.inf
     t0 = time.perf_counter()
+    trainer._clock = t0
     start_images = trainer.images_seen
     window_t, window_imgs = t0, trainer.images_seen
     stopped = False
@@ -688,6 +769,9 @@ def train(
             if trainer.images_seen >= next_snapshot or done or flag.stop:
                 if d.main:
                     last_ck = trainer.save()
+                    if snapshot_score is not None and not flag.stop:
+                        best_fd = _score_snapshot(trainer, snapshot_score, last_ck, zip_path, metrics_path,
+                                                  writer, best_fd)
                 next_snapshot = (trainer.images_seen // snapshot_every + 1) * snapshot_every
             if flag.stop:
                 stopped = True

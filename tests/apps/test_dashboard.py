@@ -308,6 +308,28 @@ def test_the_training_page_shows_curves_samples_and_report_tables(run_dir: Path)
     assert "MIG" in frames[2].columns
 
 
+def test_the_training_page_plots_the_snapshot_quality(run_dir: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        for step, fd in ((4, 9.5), (8, 7.25), (12, 8.0)):
+            fh.write(json.dumps({"step": step, "kimg": step * 0.004, "quality/fd_fundus": fd, "quality/recall": 0.3,
+                                 "quality/precision": 0.6, "quality/fidelity/2": 0.1, "quality/judge": "abc"}) + "\n")
+    monkeypatch.setenv(api.RUN_ENV, str(run))
+    at = _app("training")
+    assert "Quality at each snapshot (fixed judges)" in [s.value for s in at.subheader]
+    text = _all_text(at.main)
+    assert "quality/recall" in text and "quality/fidelity/2" in text
+    assert "lowest fd_fundus 7.25 at kimg 0.032" in text and "3 snapshots" in text
+    # The smoke run of the other tests logs no quality lines and shows no such chart.
+    monkeypatch.setenv(api.RUN_ENV, str(run_dir))
+    assert "Quality at each snapshot (fixed judges)" not in [s.value for s in _app("training").subheader]
+
+
 # --------------------------------------------------------------------------------------------- concurrency
 
 
