@@ -851,10 +851,12 @@ def anomaly_fit(
 
 
 def _parse_int_list(text: str, flag: str) -> tuple[int, ...]:
+    from retinagen.options import parse_grades
+
     try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise RetinagenError(f"{flag} must be comma-separated integers or 'all', got {text!r}") from None
+        return parse_grades(text)
+    except ValueError as exc:
+        raise RetinagenError(f"{flag}: {exc}") from None
 
 
 @anomaly_app.command("score")

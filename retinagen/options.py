@@ -328,15 +328,25 @@ def _known_attributes() -> tuple[str, ...]:
     return (*ATTRIBUTES, *SYNONYMS)
 
 
-def _grades_or_all(text: str) -> str:
-    if text.strip().lower() == "all":
-        return text
+def parse_grades(text: str) -> tuple[int, ...]:
+    """``"0,1"`` -> (0, 1); an empty item (``"1,,2"``, ``"1,"``), a non-integer or a negative grade is an error."""
+    items = [x.strip() for x in text.split(",")]
+    if not any(items):
+        raise ValueError("expected non-negative grades, e.g. 0 or 0,1, or 'all'")
+    if not all(items):
+        raise ValueError(f"an empty item in {text!r} (two commas in a row, or one at an end)")
     try:
-        grades = [int(x) for x in text.split(",") if x.strip()]
+        grades = tuple(int(x) for x in items)
     except ValueError:
         raise ValueError("expected comma-separated integers or 'all'") from None
-    if not grades or min(grades) < 0:
+    if min(grades) < 0:
         raise ValueError("expected non-negative grades, e.g. 0 or 0,1, or 'all'")
+    return grades
+
+
+def _grades_or_all(text: str) -> str:
+    if text.strip().lower() != "all":
+        parse_grades(text)
     return text
 
 

@@ -65,6 +65,12 @@ __all__ = [
 # 64 MP: a 8000 x 8000 photograph; a fundus camera's largest sensor is about 24 MP.
 DEFAULT_MAX_PIXELS = 64_000_000
 
+# Our own max_pixels is the limit; Pillow's warning (at its global limit) would only be noise, and its hard
+# error (at twice that limit) is caught where images are decoded. Set once here, not per call: a
+# `warnings.catch_warnings()` around each decode swaps the process-wide filter list, which is not thread-safe
+# (the dashboard decodes uploads of several sessions at once, and a restore can drop another thread's filters).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
 # Extensions a dataset folder is scanned for (lower case), and the format each one promises.
 EXTENSION_FORMATS: dict[str, str] = {
     ".jpg": "JPEG",
@@ -246,41 +252,37 @@ def _decode_raster(p: Path, fmt: str, head: bytes, max_pixels: int) -> tuple[np.
         # that Pillow's own bomb check would refuse them inside Image.open.
         width, height = struct.unpack(">II", head[16:24])
         _check_pixel_count(p, width, height, max_pixels)
-    with warnings.catch_warnings():
-        # Our own max_pixels is the limit; Pillow's warning (at its global limit) would only be noise,
-        # and its hard error (at twice that limit) is caught below.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            with Image.open(p, formats=_PIL_FORMATS) as im:
-                _check_pixel_count(p, *im.size, max_pixels)
-                n_frames = int(getattr(im, "n_frames", 1) or 1)
-                if n_frames > 1:
-                    notes.append(f"file has {n_frames} frames; the first was used")
-                im.load()
-                if _needs_opencv_16bit(im, fmt, head):
-                    # Pillow has validated the file (CRCs, truncation); OpenCV keeps the 16 bits.
-                    # EXIF orientation is not applied on this path (rare in 16-bit PNG/TIFF).
-                    arr = _decode_16bit_with_opencv(p)
-                else:
-                    arr = _to_rgb_array(p, _exif_upright(im, notes))
-        except BadInputError:
-            raise
-        except Image.DecompressionBombError:
-            raise ImageDecodeError(
-                p,
-                "image too large: Pillow's decompression-bomb limit was exceeded (possible decompression bomb)",
-            ) from None
-        except UnidentifiedImageError:
-            raise ImageDecodeError(p, f"not a readable {fmt} image (the header is damaged)") from None
-        except (OSError, SyntaxError, EOFError, struct.error) as exc:
-            text = str(exc).lower()
-            if "truncated" in text or isinstance(exc, EOFError):
-                raise ImageDecodeError(p, f"truncated {fmt} file (the data ends early)") from None
-            raise ImageDecodeError(p, f"corrupt {fmt} file ({type(exc).__name__})") from None
-        except MemoryError:
-            raise ImageDecodeError(p, "not enough memory to decode the image") from None
-        except Exception as exc:
-            raise ImageDecodeError(p, f"could not decode {fmt} file ({type(exc).__name__})") from None
+    try:
+        with Image.open(p, formats=_PIL_FORMATS) as im:
+            _check_pixel_count(p, *im.size, max_pixels)
+            n_frames = int(getattr(im, "n_frames", 1) or 1)
+            if n_frames > 1:
+                notes.append(f"file has {n_frames} frames; the first was used")
+            im.load()
+            if _needs_opencv_16bit(im, fmt, head):
+                # Pillow has validated the file (CRCs, truncation); OpenCV keeps the 16 bits.
+                # EXIF orientation is not applied on this path (rare in 16-bit PNG/TIFF).
+                arr = _decode_16bit_with_opencv(p)
+            else:
+                arr = _to_rgb_array(p, _exif_upright(im, notes))
+    except BadInputError:
+        raise
+    except Image.DecompressionBombError:
+        raise ImageDecodeError(
+            p,
+            "image too large: Pillow's decompression-bomb limit was exceeded (possible decompression bomb)",
+        ) from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(p, f"not a readable {fmt} image (the header is damaged)") from None
+    except (OSError, SyntaxError, EOFError, struct.error) as exc:
+        text = str(exc).lower()
+        if "truncated" in text or isinstance(exc, EOFError):
+            raise ImageDecodeError(p, f"truncated {fmt} file (the data ends early)") from None
+        raise ImageDecodeError(p, f"corrupt {fmt} file ({type(exc).__name__})") from None
+    except MemoryError:
+        raise ImageDecodeError(p, "not enough memory to decode the image") from None
+    except Exception as exc:
+        raise ImageDecodeError(p, f"could not decode {fmt} file ({type(exc).__name__})") from None
     return arr, notes
 
 

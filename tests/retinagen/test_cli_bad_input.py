@@ -144,7 +144,7 @@ BAD_VALUES: dict[str, list[Bad]] = {
     "metric-list": [["bogus"], ["fid,bogus"]],
     "scorer-list": [["bogus"]],
     "attribute-list": [["bogus"]],
-    "grades-or-all": [["x"], ["-1"]],
+    "grades-or-all": [["x"], ["-1"], ["1,,2"], ["1,"], [","]],
     "rebalance-target": [["bogus"], ["ratio:x"]],
     "assignment": [["novalue"], ["=1"]],
     "config-overrides": [["noequals"], ["train.nosuchkey=1"], ["model.a.b=1", "model.a.b.c=2"], ["train.kimg=1", "train.kimg=2"]],

@@ -397,3 +397,36 @@ def test_resolve_inside_refuses_symlinks_out_of_root(tree: Path) -> None:
             resolve_inside(tree, name)
         assert "symlink" in ei.value.reason
     assert resolve_inside(tree, "inner.png") == (tree / "a" / "x.png").resolve()  # link inside: fine
+
+
+def test_decoding_in_threads_leaves_the_process_warning_filters_alone(tmp_path: Path) -> None:
+    """The dashboard decodes several sessions' uploads at once: a per-call `warnings.catch_warnings()` swaps the
+    process-wide filter list while it runs (and a restore can drop another thread's filters), so decoding must
+    not touch it."""
+    import threading
+    import warnings
+
+    path = tmp_path / "a.png"
+    Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(path)
+    before = warnings.filters
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            while not stop.is_set():
+                read_image(path)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    swapped = 0
+    for _ in range(20_000):
+        swapped += warnings.filters is not before
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert swapped == 0 and warnings.filters is before
