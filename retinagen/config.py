@@ -170,6 +170,23 @@ class TrainConfig(_Strict):
         return "off" if v is False else v
 
 
+AugmentName = Literal["xflip", "rot90", "translate", "scale", "rotate", "aniso", "brightness", "contrast", "saturation"]
+
+
+class AugmentConfig(_Strict):
+    """Adaptive discriminator augmentation (`retinagen.training.augment`): what D sees, real and fake."""
+
+    mode: Literal["off", "fixed", "ada"] = "off"
+    p: float = Field(0.0, ge=0.0, le=1.0)  # the fixed strength, or ADA's starting one
+    target: float = Field(0.6, gt=0.0, lt=1.0)  # ADA: r_t = E[sign(D(real))] is steered towards this
+    speed_kimg: float = Field(500.0, gt=0.0)  # ADA: p can go from 0 to 1 in this many thousand images
+    interval: int = Field(4, ge=1)  # ADA: steps between adjustments of p
+    transforms: tuple[AugmentName, ...] = ("translate", "scale", "rotate", "aniso", "brightness", "contrast", "saturation")
+    # What Q reads: the clean fakes (one more pass of D's trunk per phase; the codes may then carry what
+    # the augmentations change, e.g. brightness) or the augmented ones D judges.
+    q_input: Literal["clean", "augmented"] = "clean"
+
+
 class RunConfig(_Strict):
     data: DataConfig = DataConfig()
     latent: LatentConfig = LatentConfig()
@@ -177,6 +194,7 @@ class RunConfig(_Strict):
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    augment: AugmentConfig = AugmentConfig()
 
     @property
     def msi(self) -> tuple[int, float, int]:

@@ -42,6 +42,7 @@ from retinagen.networks.build import build_d, build_g, latent_spec, num_classes
 from retinagen.networks.layers import BatchNoise, NoiseSource
 from retinagen.progress import progress_bar
 from retinagen.training import losses
+from retinagen.training.augment import AugmentPipe
 from retinagen.training.checkpoint import (
     config_mismatch,
     copy_checkpoint,
@@ -342,6 +343,12 @@ class Trainer:
         self.grade_probs: torch.Tensor | None = None
         self.dataset_fingerprint: str | None = None
 
+        a = cfg.augment
+        self.augment: AugmentPipe | None = None
+        if a.mode != "off":
+            self.augment = AugmentPipe(a.transforms, p=a.p, mode=a.mode, target=a.target,
+                                       speed_kimg=a.speed_kimg, interval=a.interval)
+
         self._compiled_G: nn.Module = self.G
         self._compiled_D: nn.Module = self.D
         if cfg.train.compile:
@@ -361,6 +368,8 @@ class Trainer:
         td, md = flatten_optimizer("opt_D", self.opt_D.state_dict())
         tensors.update(tg)
         tensors.update(td)
+        if self.augment is not None:
+            tensors.update(self.augment.state_tensors())
         tensors["rng.latent"] = self.gen.get_state()
         tensors["rng.torch_cpu"] = torch.get_rng_state()
         if self.device.type == "cuda":
@@ -423,6 +432,8 @@ class Trainer:
                 f"{meta_path}: written by {ck.meta.get('world_size')} processes; resume with the same number "
                 f"(now {self.d.world}) for an exact continuation"
             )
+        if self.augment is not None:
+            self.augment.load_state_tensors(ck.tensors)
         self.gen.set_state(ck.tensors["rng.latent"])
         torch.set_rng_state(ck.tensors["rng.torch_cpu"])
         if self.device.type == "cuda" and "rng.cuda" in ck.tensors:
@@ -481,12 +492,15 @@ class Trainer:
         with torch.no_grad(), self._autocast():
             fake = self._run_G(sample, fake_grade)
         with self._autocast():
-            out_fake = self._compiled_D(fake.detach(), fake_grade)
-            out_real = self._compiled_D(real, real_grade)
+            out_fake = self._compiled_D(self._aug(fake.detach()), fake_grade)
+            out_real = self._compiled_D(self._aug(real), real_grade)
+        if self.augment is not None:
+            self.augment.accumulate(out_real.logits)
         loss_d = losses.d_logistic_loss(out_real.logits.float(), out_fake.logits.float())
         stats["loss/D"] = loss_d.item()
         if beta > 0:
-            info_d = losses.info_terms(self.spec, out_fake.q_params.float(), sample, cont_w)
+            q_fake = self._q_params(out_fake, fake.detach(), fake_grade)
+            info_d = losses.info_terms(self.spec, q_fake.float(), sample, cont_w)
             loss_d = loss_d + beta * info_d.neg_log_q
         if out_real.class_logits is not None and real_grade is not None:
             ce = losses.grade_ce_loss(out_real.class_logits.float(), real_grade)
@@ -501,7 +515,7 @@ class Trainer:
 
         # --- Lazy R1 on reals (fp32: second-order gradients in bf16 are too coarse).
         if cfg.loss.r1_gamma > 0 and self.step % cfg.loss.r1_interval == 0:
-            real_r1 = real.detach().requires_grad_(True)
+            real_r1 = self._aug(real).detach().requires_grad_(True)
             out_r1 = self.D(real_r1, real_grade)
             penalty = losses.r1_penalty(real_r1, out_r1.logits)
             loss_r1 = losses.r1_loss(penalty, cfg.loss.r1_gamma, cfg.loss.r1_interval)
@@ -518,10 +532,11 @@ class Trainer:
         sample, fake_grade = self._sample_fakes(n)
         with self._autocast():
             fake = self._run_G(sample, fake_grade)
-            out = self._compiled_D(fake, fake_grade)
+            out = self._compiled_D(self._aug(fake), fake_grade)
+            q_g = self._q_params(out, fake, fake_grade)
         loss_g = losses.g_nonsaturating_loss(out.logits.float())
         stats["loss/G"] = loss_g.item()
-        info = losses.info_terms(self.spec, out.q_params.float(), sample, cont_w)
+        info = losses.info_terms(self.spec, q_g.float(), sample, cont_w)
         if beta > 0:
             loss_g = loss_g + beta * info.neg_log_q
         if out.class_logits is not None and fake_grade is not None:
@@ -541,7 +556,25 @@ class Trainer:
         beta_ema = ema_beta(cfg.train.batch_size, cfg.train.ema_kimg, self.images_seen, cfg.train.ema_rampup)
         update_ema(self.G_ema, self.G, beta_ema)
         self.step += 1
+        if self.augment is not None:
+            self.augment.adjust(self.step, cfg.train.batch_size, self.d.world)
+            stats["augment/p"] = self.augment.p
+            if math.isfinite(self.augment.last_rt):
+                stats["augment/rt"] = self.augment.last_rt
         return stats
+
+    def _aug(self, x: torch.Tensor) -> torch.Tensor:
+        """What D sees of ``x``: augmented (`augment`) or as it is."""
+        if self.augment is None:
+            return x
+        return self.augment(x, self.gen, rank=self.d.rank, world=self.d.world)
+
+    def _q_params(self, out: Any, clean: torch.Tensor, grade: torch.Tensor | None) -> torch.Tensor:
+        """Q's output for the fakes: from D's pass on what it judged, or (``augment.q_input: clean`` with
+        augmentation on) from one more pass of D on the clean fakes."""
+        if self.augment is None or self.augment.p <= 0 or self.cfg.augment.q_input == "augmented":
+            return out.q_params
+        return self._compiled_D(clean, grade).q_params
 
     # ---------------------------------------------------------------------------- samples
     def fixed_latents(self) -> tuple[Any, torch.Tensor | None]:
