@@ -127,6 +127,9 @@ class LossConfig(_Strict):
     # Weight of the uniform codes' log Q inside L_info (1 = Eq. 3 as written). Below 1 it stops the
     # unbounded Gaussian term from dominating the bounded discrete one in short runs.
     info_continuous_weight: float = Field(1.0, ge=0.0, le=1.0)
+    # G's share of the info term rises linearly from 0 to beta over this many kimg (0: beta from the start);
+    # Q still learns at full beta on D's step, so it reads the codes by the time G is asked to keep them.
+    beta_rampup_kimg: float = Field(0.0, ge=0.0)
 
 
 class OptimConfig(_Strict):

@@ -538,7 +538,7 @@ class Trainer:
         stats["loss/G"] = loss_g.item()
         info = losses.info_terms(self.spec, q_g.float(), sample, cont_w)
         if beta > 0:
-            loss_g = loss_g + beta * info.neg_log_q
+            loss_g = loss_g + self.g_info_weight() * info.neg_log_q
         if out.class_logits is not None and fake_grade is not None:
             loss_g = loss_g + cfg.loss.grade_weight * losses.grade_ce_loss(out.class_logits.float(), fake_grade)
         self.opt_G.zero_grad(set_to_none=True)
@@ -562,6 +562,12 @@ class Trainer:
             if math.isfinite(self.augment.last_rt):
                 stats["augment/rt"] = self.augment.last_rt
         return stats
+
+    def g_info_weight(self) -> float:
+        """beta on G's step: ramped over ``loss.beta_rampup_kimg`` from the images shown so far."""
+        ramp = self.cfg.loss.beta_rampup_kimg
+        frac = 1.0 if ramp <= 0 else min(1.0, self.images_seen / (ramp * 1000.0))
+        return self.cfg.loss.beta * frac
 
     def _aug(self, x: torch.Tensor) -> torch.Tensor:
         """What D sees of ``x``: augmented (`augment`) or as it is."""

@@ -199,3 +199,20 @@ def test_pure_information_training_learns_the_discrete_codes() -> None:
         torch.set_num_threads(threads)
     assert learnt > 1.2, learnt
     assert old < 0.5, old
+
+
+def test_beta_rampup_scales_only_g_s_info_term(tmp_path) -> None:
+    from retinagen.config import load_run_config, parse_overrides
+    from retinagen.training.loop import Trainer
+
+    cfg = load_run_config("synthfundus", preset="smoke",
+                          overrides=parse_overrides(["loss.beta=2", "loss.beta_rampup_kimg=0.1"]))
+    t = Trainer(cfg, tmp_path, progress=False)
+    assert t.g_info_weight() == 0.0
+    t.images_seen = 50
+    assert t.g_info_weight() == pytest.approx(1.0)
+    t.images_seen = 500
+    assert t.g_info_weight() == 2.0
+    plain = Trainer(load_run_config("synthfundus", preset="smoke", overrides=parse_overrides(["loss.beta=2"])),
+                    tmp_path, progress=False)
+    assert plain.g_info_weight() == 2.0
