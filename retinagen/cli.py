@@ -191,6 +191,7 @@ def train(
     config: Annotated[ConfigYaml | None, typer.Option(help="YAML config layered on top (e.g. configs/msi/*.yaml).")] = None,
     preset: Annotated[Preset | None, typer.Option(help="Sizes: smoke (seconds), cpu (minutes), gpu (paper).")] = None,
     kimg: Annotated[PositiveFloat | None, typer.Option(help="Training length in thousands of images.")] = None,
+    minutes: Annotated[PositiveFloat | None, typer.Option(help="Wall-clock budget: end cleanly (snapshot, grids) after this many training minutes; kimg stays the upper bound.")] = None,
     out: Annotated[OutputDir | None, typer.Option(help="Run folder.")] = None,
     resume: Annotated[RunFolder | None, typer.Option(help="Run folder to resume from.")] = None,
     seed: Annotated[Seed | None, typer.Option(help="Training seed.")] = None,
@@ -205,10 +206,11 @@ def train(
 
     if resume is not None:
         if config is not None or preset is not None or set_ or data is not None:
-            raise RetinagenError("--resume continues a run with its own config; only --kimg may be changed")
+            raise RetinagenError("--resume continues a run with its own config; only --kimg and --minutes may be changed")
         cfg = load_run_config_from_dir(resume)
-        if kimg is not None:
-            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"kimg": kimg})})
+        changes = {k: v for k, v in (("kimg", kimg), ("max_minutes", minutes)) if v is not None}
+        if changes:
+            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=changes)})
         run_dir = resume
     else:
         flag_layer: dict = {}
@@ -216,6 +218,8 @@ def train(
             flag_layer.setdefault("data", {})["path"] = str(data)
         if kimg is not None:
             flag_layer.setdefault("train", {})["kimg"] = kimg
+        if minutes is not None:
+            flag_layer.setdefault("train", {})["max_minutes"] = minutes
         if seed is not None:
             flag_layer.setdefault("train", {})["seed"] = seed
         cfg = load_run_config(
@@ -243,7 +247,8 @@ def train(
 
         model = load_model(summary.last_checkpoint, with_discriminator=False)
         write_traversal_grids(model, run_dir / "traversals")
-    state = "stopped" if summary.stopped_early else "finished"
+    state = "stopped" if summary.stopped_early else (
+        f"time budget of {cfg.train.max_minutes:g} min reached" if summary.budget_reached else "finished")
     typer.echo(
         f"{state}: {summary.images_seen / 1000:.2f} kimg in {summary.elapsed_s:.0f} s ({summary.images_per_s:.1f} img/s); "
         f"run folder {run_dir} (checkpoints/, samples/, traversals/, metrics.jsonl)"

@@ -143,6 +143,9 @@ class OptimConfig(_Strict):
 class TrainConfig(_Strict):
     batch_size: int = Field(32, ge=1, le=8192)
     kimg: float = Field(20000.0, gt=0.0)  # training length in thousands of real images shown
+    # Wall-clock budget (training time over all sessions, snapshot scoring excluded): the run ends cleanly
+    # at the first step past it, with a snapshot, as if kimg had been reached. None: kimg alone decides.
+    max_minutes: float | None = Field(None, gt=0.0)
     ema_kimg: float = Field(10.0, ge=0.0)
     ema_rampup: float | None = Field(0.05, ge=0.0)
     snapshot_kimg: float = Field(200.0, gt=0.0)

@@ -232,6 +232,8 @@ class TrainSummary:
     stopped_early: bool
     # SIGINT / SIGTERM that stopped the run (after its snapshot), None otherwise: the CLI exits 128 + it.
     stop_signal: int | None = None
+    # True when train.max_minutes ended the run (a finished run: snapshot written, nothing left to resume).
+    budget_reached: bool = False
 
 
 class _StopFlag:
@@ -774,10 +776,13 @@ def train(
     start_images = trainer.images_seen
     window_t, window_imgs = t0, trainer.images_seen
     stopped = False
+    budget_s = None if cfg.train.max_minutes is None else cfg.train.max_minutes * 60.0
+    # A resumed run whose budget is already spent ends at once (its last snapshot stands).
+    budget_reached = budget_s is not None and trainer.train_seconds >= budget_s
     data_iter = iter(loader)
     with _StopFlag() as flag, progress_bar(total_images, "train", unit="img", enabled=progress and d.main) as bar:
         bar.advance(trainer.images_seen)
-        while trainer.images_seen < total_images:
+        while trainer.images_seen < total_images and not budget_reached:
             if max_steps is not None and trainer.step >= max_steps:
                 stopped = True
                 break
@@ -802,6 +807,8 @@ def train(
                     f"Linfo {stats['info/L_info_discrete']:.1f}/{stats['info/H_discrete']:.1f}"
                 )
             done = trainer.images_seen >= total_images
+            if not done and budget_s is not None and trainer.elapsed_train_seconds() >= budget_s:
+                done = budget_reached = True
             if d.main and (trainer.images_seen >= next_sample or done):
                 trainer.save_samples()
                 next_sample = (trainer.images_seen // sample_every + 1) * sample_every
@@ -814,6 +821,8 @@ def train(
                 next_snapshot = (trainer.images_seen // snapshot_every + 1) * snapshot_every
             if flag.stop:
                 stopped = True
+                break
+            if budget_reached:
                 break
     if stopped and d.main and (last_ck is None or int(last_ck.stem.split("-")[1]) != trainer.step):
         last_ck = trainer.save()
@@ -830,6 +839,7 @@ def train(
         last_checkpoint=last_ck,
         stopped_early=stopped,
         stop_signal=flag.signum if stopped else None,
+        budget_reached=budget_reached,
     )
     if d.world > 1:
         dist.barrier()

@@ -15,7 +15,7 @@ import torch
 from retinagen.config import configs_dir, load_run_config, parse_overrides
 from retinagen.errors import CheckpointError, RetinagenError
 from retinagen.training.checkpoint import latest_valid_checkpoint, load_checkpoint
-from retinagen.training.loop import StreamSampler, Trainer, train
+from retinagen.training.loop import StreamSampler, Trainer, load_run_config_from_dir, train
 
 MSI = sorted((configs_dir() / "msi").glob("*.yaml"))
 
@@ -279,3 +279,24 @@ def test_smoke_preset_synthesises_its_own_data(tmp_path: Path) -> None:
     # Rendered above the model's 16 px: the FOV detector keeps (nearly) every image, frame-cut ones included.
     report = json.loads(zips[0].with_suffix(".report.json").read_text())
     assert report["n_seen"] == 64 and report["n_kept"] >= 62, report["rejected_by_reason"]
+
+
+def test_a_time_budget_ends_the_run_cleanly(synth_zip_16: Path, tmp_path: Path) -> None:
+    from retinagen.cli import main
+
+    # 0.002 min = 0.12 s of training: far fewer than the 10,000 images asked for.
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "smoke", "--data", str(synth_zip_16), "--out", str(run), "--kimg", "10",
+                 "--minutes", "0.002"]) == 0
+    last = load_checkpoint(latest_valid_checkpoint(run / "checkpoints"))
+    # It stopped at the first step past the budget (a smoke step takes ~30 ms; 2,500 were asked for).
+    assert 0 < last.meta["step"] < 100 and last.meta["train_seconds"] >= 0.12
+    assert (run / "traversals").is_dir() and any((run / "traversals").iterdir())  # a finished run's grids
+    assert json.loads((run / "config.json").read_text())["train"]["max_minutes"] == 0.002
+    # Resuming with the budget spent trains no further step; a larger budget continues.
+    cfg = load_run_config_from_dir(run)
+    again = train(cfg, run, resume=True, progress=False)
+    assert again.budget_reached and again.steps == last.meta["step"]
+    more = (last.meta["train_seconds"] + 1.0) / 60.0
+    assert main(["train", "--resume", str(run), "--minutes", f"{more:.4f}"]) == 0
+    assert load_checkpoint(latest_valid_checkpoint(run / "checkpoints")).meta["step"] > last.meta["step"]
