@@ -37,7 +37,6 @@ import copy
 import json
 import math
 import re
-import warnings
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -55,7 +54,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 
 from retinagen import __version__
-from retinagen.data.dicom import element_text
+from retinagen.data.dicom import element_text, silence_pydicom
 from retinagen.errors import BadInputError, DicomError
 from retinagen.fileio import atomic_write_with
 
@@ -791,35 +790,33 @@ def deidentify(ds: Dataset, *, uid_map: MutableMapping[str, str] | None = None) 
     """
     if uid_map is None:
         uid_map = {}
-    with warnings.catch_warnings():
-        # pydicom's value-validation warnings quote element values (patient data among them).
-        warnings.simplefilter("ignore")
-        meta = getattr(ds, "file_meta", None)
-        sop_classes = {_raw_text(ds, 0x00080016), _raw_text(meta, 0x00020002) if meta is not None else ""}
-        if dcm_uid.MediaStorageDirectoryStorage in sop_classes:
-            raise DicomError(
-                None,
-                "a DICOMDIR (Media Storage Directory) is a file-set index whose file paths may be patient "
-                "IDs; de-identify the files it lists and build a new DICOMDIR instead",
-            )
-        burned = _raw_text(ds, 0x00280301).upper()
-        if burned == "YES":
-            raise DicomError(
-                None,
-                "Burned In Annotation (0028,0301) is YES: the pixels may show patient identity; the Basic "
-                "Profile then needs the Clean Pixel Data option, which retinagen does not implement",
-            )
-        work = copy.deepcopy(ds)
-        # Cleaned while still a FileDataset, so values deferred by dcmread(defer_size=...) can be
-        # read from the source file; the kept ones are read in before the file name is dropped.
-        _clean_dataset(work, uid_map, strict=False)
-        _load_deferred(work)
-        # Dataset(other) shares `other`'s element dict: a plain Dataset over the private copy, which
-        # drops FileDataset's file name, timestamp and preamble (a path can name the patient).
-        out = Dataset(work)
-        _add_deidentification_record(out)
-        if meta is not None:
-            out.file_meta = _clean_file_meta(meta, out, uid_map)
+    silence_pydicom()  # value warnings quote element values (patient data among them)
+    meta = getattr(ds, "file_meta", None)
+    sop_classes = {_raw_text(ds, 0x00080016), _raw_text(meta, 0x00020002) if meta is not None else ""}
+    if dcm_uid.MediaStorageDirectoryStorage in sop_classes:
+        raise DicomError(
+            None,
+            "a DICOMDIR (Media Storage Directory) is a file-set index whose file paths may be patient "
+            "IDs; de-identify the files it lists and build a new DICOMDIR instead",
+        )
+    burned = _raw_text(ds, 0x00280301).upper()
+    if burned == "YES":
+        raise DicomError(
+            None,
+            "Burned In Annotation (0028,0301) is YES: the pixels may show patient identity; the Basic "
+            "Profile then needs the Clean Pixel Data option, which retinagen does not implement",
+        )
+    work = copy.deepcopy(ds)
+    # Cleaned while still a FileDataset, so values deferred by dcmread(defer_size=...) can be
+    # read from the source file; the kept ones are read in before the file name is dropped.
+    _clean_dataset(work, uid_map, strict=False)
+    _load_deferred(work)
+    # Dataset(other) shares `other`'s element dict: a plain Dataset over the private copy, which
+    # drops FileDataset's file name, timestamp and preamble (a path can name the patient).
+    out = Dataset(work)
+    _add_deidentification_record(out)
+    if meta is not None:
+        out.file_meta = _clean_file_meta(meta, out, uid_map)
     return out
 
 
@@ -1043,17 +1040,16 @@ def _write(ds: Dataset, path: Path, overwrite: bool) -> None:
 def _read_header(path: Path) -> Dataset:
     if not path.is_file():
         raise DicomError(path, "source DICOM file does not exist or is not a regular file")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # value warnings could quote patient data
-        try:
-            return pydicom.dcmread(path, stop_before_pixels=True, force=False)
-        except pydicom.errors.InvalidDicomError:
-            raise DicomError(
-                path, "not a DICOM file (no 'DICM' marker after the 128-byte preamble)"
-            ) from None
-        except Exception as exc:
-            # The library's message could quote file content: only its type is forwarded.
-            raise DicomError(path, f"malformed DICOM header ({type(exc).__name__})") from None
+    silence_pydicom()
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True, force=False)
+    except pydicom.errors.InvalidDicomError:
+        raise DicomError(
+            path, "not a DICOM file (no 'DICM' marker after the 128-byte preamble)"
+        ) from None
+    except Exception as exc:
+        # The library's message could quote file content: only its type is forwarded.
+        raise DicomError(path, f"malformed DICOM header ({type(exc).__name__})") from None
 
 
 

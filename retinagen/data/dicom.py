@@ -27,16 +27,16 @@ Safety
       dataset) is inflated.
     * Only frame 0 is decoded, streamed from the open file (a 1000-frame file costs one frame).
     * Nothing here evaluates or unpickles anything. Elements other than the technical ones are never
-      accessed, so pydicom never converts (or warns about) patient fields; pydicom's warnings are
-      silenced while reading because its value-validation warnings may quote element values.
+      accessed, so pydicom never converts (or warns about) patient fields; pydicom's warnings (and
+      its WARNING log records) are silenced for the process because they may quote element values.
     * Error reasons and `DicomImage.info` only quote values from fixed vocabularies (modality codes,
       SOP class / transfer syntax names from the DICOM dictionary, photometric terms, L/R); any
       other value is described, never echoed. Library exception messages are not forwarded (only
       their type), because they could quote file content.
 
-Threads: the size checks above are safe to run concurrently. Only the silencing of pydicom's
-warnings uses `warnings.catch_warnings`, which is process-wide: while reads overlap in several
-threads, another thread's warnings can be lost, and a pydicom warning can escape the silencing.
+Threads: reads are safe to run concurrently. pydicom's warnings are silenced by one filter installed at
+import (and its WARNING log records by one logging filter), never by a per-call
+`warnings.catch_warnings`, which swaps the process-wide filter list and is not thread-safe.
 """
 
 from __future__ import annotations
@@ -255,6 +255,35 @@ class DicomImage:
         )
 
 
+class _DropWarningRecords(logging.Filter):
+    """pydicom logs every warning it issues (`pydicom.misc.warn_and_log`); those texts can quote element values."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
+
+
+_PYDICOM_WARNINGS = r"pydicom(\.|$)"
+
+
+def silence_pydicom() -> None:
+    """Silence pydicom's warnings and its WARNING log records for this process (idempotent).
+
+    Its value-validation and parsing warnings can quote element values, patient data among them. One module
+    filter, added at import and re-added by each reader if a `warnings.catch_warnings` block around the import
+    (pytest's collection, say) dropped it; never a per-read `warnings.catch_warnings`, which swaps the
+    process-wide filter list and is not thread-safe (the dashboard reads several sessions' uploads at once).
+    pydicom attributes its warnings to its own modules (`warn_and_log` warns at its caller inside pydicom).
+    """
+    if not any(f[0] == "ignore" and f[3] is not None and f[3].pattern == _PYDICOM_WARNINGS for f in warnings.filters):
+        warnings.filterwarnings("ignore", module=_PYDICOM_WARNINGS)
+    log = logging.getLogger("pydicom")
+    if not any(isinstance(f, _DropWarningRecords) for f in log.filters):
+        log.addFilter(_DropWarningRecords())
+
+
+silence_pydicom()
+
+
 def read_dicom(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DicomImage:
     """Read frame 0 of a fundus DICOM file as RGB; refuse anything else with `DicomError`.
 
@@ -275,17 +304,15 @@ def read_dicom(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dic
         raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
     p = Path(path)
     _check_regular_file(p)
-    with warnings.catch_warnings():
-        # pydicom's validation warnings can quote element values; silence them all while reading.
-        warnings.simplefilter("ignore")
-        try:
-            image = _read(p, max_pixels)
-        except DicomError:
-            raise
-        except Exception as exc:
-            # Any library-internal failure is a property of the file. `from None`: the original
-            # message could quote file content, so it is not chained into tracebacks either.
-            raise DicomError(p, f"could not be read as a DICOM image ({type(exc).__name__})") from None
+    silence_pydicom()
+    try:
+        image = _read(p, max_pixels)
+    except DicomError:
+        raise
+    except Exception as exc:
+        # Any library-internal failure is a property of the file. `from None`: the original
+        # message could quote file content, so it is not chained into tracebacks either.
+        raise DicomError(p, f"could not be read as a DICOM image ({type(exc).__name__})") from None
     logger.debug("read DICOM %s: %s", p.name, image.info)
     return image
 

@@ -650,17 +650,37 @@ def test_deferred_values_are_read_and_phi_is_never_logged(
         ds.save_as(path, enforce_file_format=True)
     markers = [text.strip().decode() for _, _, text in _LOGGED_WHEN_CONVERTED]
 
-    # Control: converting each value logs and warns with it.
-    caplog.clear()
-    with caplog.at_level("DEBUG", logger="pydicom"), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    def convert_all() -> None:
         control = pydicom.dcmread(path)
         for tag, _, _ in _LOGGED_WHEN_CONVERTED[:2]:
             control[tag].value  # noqa: B018 - converts
         control.ReferencedImageSequence[0][_LOGGED_WHEN_CONVERTED[2][0]].value  # noqa: B018
+
+    # Control: without retinagen's silencing, converting each value logs and warns with it.
+    log = logging.getLogger("pydicom")
+    saved = list(log.filters)
+    caplog.clear()
+    try:
+        for f in saved:
+            log.removeFilter(f)
+        with caplog.at_level("DEBUG", logger="pydicom"), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            convert_all()
+    finally:
+        for f in saved:
+            log.addFilter(f)
     warned = "".join(str(w.message) for w in caught)
     assert [m for m in markers if m not in caplog.text] == []
     assert [m for m in markers if m not in warned] == []
+
+    # Once retinagen has read or de-identified a file in this process (a filter and a log filter, added once,
+    # so no per-call filter swapping), the same conversions give neither a record nor a warning.
+    caplog.clear()
+    with caplog.at_level("DEBUG", logger="pydicom"), warnings.catch_warnings(record=True) as caught:
+        deidentify(pydicom.dcmread(path))
+        convert_all()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert [str(w.message) for w in caught] == []
 
     caplog.clear()
     with caplog.at_level("DEBUG", logger="pydicom"), warnings.catch_warnings(record=True) as caught:

@@ -397,6 +397,34 @@ def test_a_bomb_frame_is_refused_before_it_reaches_the_decoder(
     assert len(calls) == 1
 
 
+def test_reading_in_threads_leaves_the_process_warning_filters_alone(tmp_path: Path) -> None:
+    """pydicom's warnings are silenced once at import: a per-read `warnings.catch_warnings()` would swap the
+    process-wide filter list while it runs (and its restore can drop filters another thread added)."""
+    path = fx.jpeg_baseline(tmp_path / "ok.dcm")
+    before = warnings.filters
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            while not stop.is_set():
+                read_dicom(path)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    swapped = 0
+    for _ in range(20_000):
+        swapped += warnings.filters is not before
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert swapped == 0 and warnings.filters is before
+
+
 def test_concurrent_reads_cannot_switch_off_each_others_bomb_check(tmp_path: Path) -> None:
     """Dashboard uploads are decoded in threads of one process. The check must not depend on state
     another thread's read can change (as `warnings.catch_warnings` filters are, process-wide)."""
