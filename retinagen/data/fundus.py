@@ -393,21 +393,28 @@ def _band_frame(pts: np.ndarray, ws: int, hs: int, tol: float) -> list[int]:
     A circle's own extreme rows are nearly straight too: within t = tol + 1 rows of its top it has
     about 2 sqrt(2 t r) outline points. A band edge needs 1.5 times that (a cut at least ~3 % of r deep;
     shallower cuts are a few outliers to the circle fit), and the caller keeps it only if it lies
-    clearly inside the fitted circle.
+    clearly inside the fitted circle. The edge is put at its densest line within tol of the extreme,
+    not at the extreme: a protrusion there (a JPEG block, a glare spill) would leave the edge's own
+    line of points inside the frame, where they pull the circle fit.
     """
     x, y = pts[:, 0], pts[:, 1]
     r_est = 0.5 * max(int(x.max() - x.min()), int(y.max() - y.min()))  # <= r, equal unless cut
     need = max(12.0, 3.0 * math.sqrt(2.0 * (tol + 1.0) * r_est))
     frame = [0, 0, ws - 1, hs - 1]
     lo_x, lo_y, hi_x, hi_y = int(x.min()), int(y.min()), int(x.max()), int(y.max())
+    t = int(math.floor(tol))
+
+    def densest(v: np.ndarray) -> int:  # offset (0..t) from the extreme with the most edge points
+        return int(np.argmax(np.bincount(v[v <= t], minlength=t + 1)))
+
     if lo_x > 1 and (x <= lo_x + tol).sum() >= need:
-        frame[0] = lo_x
+        frame[0] = lo_x + densest(x - lo_x)
     if lo_y > 1 and (y <= lo_y + tol).sum() >= need:
-        frame[1] = lo_y
+        frame[1] = lo_y + densest(y - lo_y)
     if hi_x < ws - 2 and (x >= hi_x - tol).sum() >= need:
-        frame[2] = hi_x
+        frame[2] = hi_x - densest(hi_x - x)
     if hi_y < hs - 2 and (y >= hi_y - tol).sum() >= need:
-        frame[3] = hi_y
+        frame[3] = hi_y - densest(hi_y - y)
     return frame
 
 
