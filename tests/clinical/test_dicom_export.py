@@ -725,6 +725,30 @@ def test_uid_map_is_consistent_across_calls_and_files(tmp_path: Path) -> None:
     assert fresh.StudyInstanceUID.startswith("2.25.")
 
 
+def test_a_uid_met_in_several_places_of_one_file_gets_one_replacement(tmp_path: Path) -> None:
+    # PHI-4's "replaced consistently" inside one file: the file meta's instance UID, two sequences
+    # referencing the same prior image, a sequence item naming the file's own frame of reference.
+    ds = pydicom.dcmread(_fake_phi_op(tmp_path / "phi.dcm"))
+    ds.SourceImageSequence[0].ReferencedSOPInstanceUID = PRIOR_UID  # also in ReferencedImageSequence
+    frame_ref = Dataset()
+    frame_ref.FrameOfReferenceUID = FRAME_UID
+    ds.ReferencedFrameOfReferenceSequence = Sequence([frame_ref])
+    uid_map: dict[str, str] = {}
+    out = deidentify(ds, uid_map=uid_map)
+    new_prior, new_frame, new_instance = uid_map[PRIOR_UID], uid_map[FRAME_UID], uid_map[INSTANCE_UID]
+    assert len({new_prior, new_frame, new_instance, uid_map[STUDY_UID]}) == 4
+    # Checked on the returned dataset: pydicom's save_as(enforce_file_format=True) copies the
+    # instance UID into the file meta itself and would hide a mismatch.
+    assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID == new_instance
+    assert out.ReferencedImageSequence[0].ReferencedSOPInstanceUID == new_prior
+    assert out.SourceImageSequence[0].ReferencedSOPInstanceUID == new_prior
+    assert out.FrameOfReferenceUID == out.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID == new_frame
+    # No original UID survives anywhere, file meta included.
+    found = {str(e.value) for e in out.iterall() if e.VR == "UI" and e.value}
+    found |= {str(e.value) for e in out.file_meta if e.VR == "UI" and e.value}
+    assert not found & set(FAKE_UIDS)
+
+
 def test_burned_in_annotation_is_refused_without_echoing_phi(tmp_path: Path) -> None:
     path = _fake_phi_op(tmp_path / "burned.dcm", burned_in="YES")
     with pytest.raises(DicomError, match="Burned In Annotation") as info:
