@@ -251,6 +251,64 @@ def test_no_fundus_unreadable_and_dicom_uploads_get_clear_messages_without_phi(r
     assert not any(s in _all_text(at.main) for s in dfx.PHI_STRINGS)
 
 
+_FREE_TEXT = ("text_input", "text_area", "chat_input")  # widgets where the browser could type a path
+
+
+def test_the_browser_supplies_no_path(run_dir: Path, synth_zip_16: Path, tmp_path: Path) -> None:
+    """UP-6: no page takes a path from the browser. The only free text is the reviewer's name; query
+    parameters naming another run, dataset or state folder (all real) are ignored; a name or an upload
+    file name holding a path writes nothing there."""
+    import shutil
+
+    decoy = tmp_path / "decoy"
+    shutil.copytree(run_dir, decoy / "decoyrun", ignore=shutil.ignore_patterns(DB_NAME + "*"))
+    shutil.copy(synth_zip_16, decoy / "decoydata.zip")
+    (decoy / "decoystate").mkdir()
+    params = {"run": decoy / "decoyrun", "data": decoy / "decoydata.zip", "state": decoy / "decoystate",
+              "checkpoint": decoy / "decoyrun", "path": decoy, "file": decoy / "decoydata.zip"}
+
+    def tree() -> dict[str, tuple[int, int]]:
+        return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(decoy.rglob("*"))}
+
+    before = tree()
+    free_text: dict[str, list[str]] = {}
+    for path, _title, _icon in api_pages():
+        page = path.split("/")[-1][:-3]
+        at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+        for key, value in params.items():
+            at.query_params[key] = str(value)
+        at.run()
+        at.switch_page(path).run()
+        assert not at.exception, (page, [e.value for e in at.exception])
+        free_text[page] = sorted(w.key or w.label for kind in _FREE_TEXT for w in at.get(kind))
+        assert run_dir.name in _all_text(at.sidebar), page  # still the command line's run
+        shown = _all_text(at.main) + _all_text(at.sidebar)
+        assert "decoy" not in shown, page  # neither the decoy run, its dataset nor its folder
+    assert free_text == {"controls": [], "review": ["rev_reviewer"], "rebalance": [], "anomaly": [],
+                         "training": []}
+    # The one free-text field and an upload's file name are data, never a place to write.
+    at = _app("review")
+    name = "../../decoy/evil"  # the field holds 64 characters
+    at.text_input(key="rev_reviewer").set_value(name).run()
+    at.selectbox(key="rev_new_code").set_value(0)
+    at.number_input(key="rev_new_n").set_value(2)
+    next(b for b in at.button if b.label == "Create review set").click().run()
+    assert not at.exception
+    assert any(rs.created_by == name for rs in ReviewStore(run_dir / DB_NAME).list_sets())
+    assert not [p for root in (run_dir, tmp_path) for p in root.rglob("evil*")]
+    at = _app("anomaly")
+    at.file_uploader(key="ano_upload").set_value((f"{decoy}/../decoy/up.jpg", _jpeg(dfx.retina_rgb(128)),
+                                                  "image/jpeg")).run()
+    assert not at.exception
+    assert tree() == before  # nothing in the decoy folders was read into the app or written
+
+
+def api_pages() -> tuple[tuple[str, str, str], ...]:
+    from apps import common
+
+    return common.PAGES
+
+
 def test_a_21_mb_upload_is_refused_before_it_is_decoded(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """UP-1 through the app: 21 MB of a valid JPEG header and padding is refused by size, nothing is decoded."""
     import retinagen.data.uploads as uploads
