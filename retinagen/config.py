@@ -107,6 +107,9 @@ class ModelConfig(_Strict):
     d_channel_max: int = Field(512, ge=4)
     # DR-grade conditioning: label embedding in the mapping network, projection in D.
     conditional: bool = False
+    # Where the grade enters G (style generator): "mapping" (StyleGAN2-ADA: the embedding joins z) or
+    # "layers" (also a learned per-block offset of w for each grade, starting at 0).
+    grade_entry: Literal["mapping", "layers"] = "mapping"
     num_classes: int = Field(5, ge=2, le=1000)
     mbstd_group: int = Field(4, ge=1, le=64)
     aux_classifier: bool = False

@@ -38,6 +38,7 @@ def build_g(cfg: RunConfig) -> nn.Module:
         num_classes=num_classes(cfg),
         mapping_lr_multiplier=m.mapping_lr_multiplier,
         code_input=m.code_input,
+        grade_entry=m.grade_entry,
     )
 
 

@@ -324,9 +324,15 @@ class SynthesisBlock(nn.Module):
 
 
 class SynthesisNetwork(nn.Module):
-    """w [N, w_dim] -> img [N, 3, R, R]; the same w for every layer (style mixing off)."""
+    """w [N, w_dim] -> img [N, 3, R, R]; the same w for every layer (style mixing off).
 
-    def __init__(self, w_dim: int, resolution: int, channel_base: int, channel_max: int) -> None:
+    With ``grade_classes`` > 0 each block adds a learned offset of w per grade (zero at start), so the
+    grade also enters every resolution directly, not only through the mapping network.
+    """
+
+    def __init__(
+        self, w_dim: int, resolution: int, channel_base: int, channel_max: int, grade_classes: int = 0
+    ) -> None:
         super().__init__()
         log2 = check_resolution(resolution)
         self.w_dim = w_dim
@@ -338,6 +344,10 @@ class SynthesisNetwork(nn.Module):
             blocks.append(SynthesisBlock(in_ch, out_ch, w_dim, res))
             in_ch = out_ch
         self.blocks = nn.ModuleList(blocks)
+        self.grade_classes = grade_classes
+        self.grade_offsets = (
+            nn.Parameter(torch.zeros(len(blocks), grade_classes, w_dim)) if grade_classes > 0 else None
+        )
 
     def forward(
         self,
@@ -346,10 +356,14 @@ class SynthesisNetwork(nn.Module):
         noise_mode: str = "random",
         noise_generator: NoiseSource | None = None,
         noise: Sequence[torch.Tensor] | None = None,
+        grade: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``noise``: the output of `draw_noise` (mode "random"), used instead of drawing in the layers."""
+        """``noise``: the output of `draw_noise` (mode "random"), used instead of drawing in the layers.
+        ``grade`` [N]: needed (and only used) when the network has per-block grade offsets."""
         if w.ndim != 2 or w.shape[1] != self.w_dim:
             raise ValueError(f"SynthesisNetwork expects w [N, {self.w_dim}], got {tuple(w.shape)}")
+        if self.grade_offsets is not None:
+            check_grade(grade, w.shape[0], self.grade_classes, "SynthesisNetwork", required=True)
         if noise_mode not in NOISE_MODES:
             raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
         counts = [len(block.layers()) for block in self.blocks]
@@ -358,10 +372,13 @@ class SynthesisNetwork(nn.Module):
         x: torch.Tensor | None = None
         img: torch.Tensor | None = None
         start = 0
-        for block, k in zip(self.blocks, counts, strict=True):
+        for i, (block, k) in enumerate(zip(self.blocks, counts, strict=True)):
             part = noise[start : start + k] if noise is not None else None
             start += k
-            x, img = block(x, img, w, noise_mode, noise_generator, part)
+            wb = w
+            if self.grade_offsets is not None and grade is not None:
+                wb = w + self.grade_offsets[i][grade.long()].to(w.dtype)
+            x, img = block(x, img, wb, noise_mode, noise_generator, part)
         assert img is not None
         return img
 
@@ -417,6 +434,8 @@ class StyleGenerator(_GeneratorBase):
         mapping_lr_multiplier: equalized-lr multiplier of the mapping network (StyleGAN: 0.01).
         code_input: how (Z', C) enter the mapping network: "balanced" (default; standardised codes with
             the same energy as the noise, see `balanced_input`) or "raw" (normalised concat(Z', C)).
+        grade_entry: "mapping" (the grade embedding joins z) or "layers" (also a per-block learned
+            offset of w per grade; see `SynthesisNetwork`).
     """
 
     def __init__(
@@ -431,10 +450,14 @@ class StyleGenerator(_GeneratorBase):
         embed_dim: int | None = None,
         mapping_lr_multiplier: float = 0.01,
         code_input: str = "balanced",
+        grade_entry: str = "mapping",
     ) -> None:
         super().__init__()
         check_resolution(resolution)
         self.code_input = check_code_input(code_input)
+        if grade_entry not in ("mapping", "layers"):
+            raise ValueError(f"grade_entry must be 'mapping' or 'layers', got {grade_entry!r}")
+        self.grade_entry = grade_entry
         self.latent = latent
         self.resolution = resolution
         self.num_classes = num_classes
@@ -448,7 +471,10 @@ class StyleGenerator(_GeneratorBase):
             lr_multiplier=mapping_lr_multiplier,
             normalize_input=self.code_input == "raw",
         )
-        self.synthesis = SynthesisNetwork(w_dim, resolution, channel_base, channel_max)
+        self.synthesis = SynthesisNetwork(
+            w_dim, resolution, channel_base, channel_max,
+            grade_classes=num_classes if grade_entry == "layers" else 0,
+        )  # fmt: skip
 
     def forward(
         self,
@@ -473,7 +499,7 @@ class StyleGenerator(_GeneratorBase):
         else:  # normalised by the mapping network
             z = torch.cat([z_noise, code.to(z_noise.dtype)], dim=1)
         w = self.mapping(z, grade, truncation_psi=truncation_psi)
-        return self.synthesis(w, noise_mode=noise_mode, noise_generator=noise_generator, noise=noise)
+        return self.synthesis(w, noise_mode=noise_mode, noise_generator=noise_generator, noise=noise, grade=grade)
 
     def draw_noise(self, n: int, generator: NoiseSource | None, device: torch.device) -> list[torch.Tensor]:
         """See `SynthesisNetwork.draw_noise`."""
@@ -581,13 +607,13 @@ class DirectGenerator(_GeneratorBase):
         return []
 
 
-STYLE_ONLY_KWARGS = ("w_dim", "mapping_layers", "mapping_lr_multiplier")
+STYLE_ONLY_KWARGS = ("w_dim", "mapping_layers", "mapping_lr_multiplier", "grade_entry")
 
 
 def build_generator(style: bool, **kwargs: Any) -> StyleGenerator | DirectGenerator:
     """S = 1 -> `StyleGenerator(**kwargs)`; S = 0 -> `DirectGenerator(**kwargs)`.
 
-    For S = 0 the style-only arguments (w_dim, mapping_layers, mapping_lr_multiplier) are dropped, so one
+    For S = 0 the style-only arguments (w_dim, mapping_layers, mapping_lr_multiplier, grade_entry) are dropped, so one
     config can build either variant.
     """
     if style:

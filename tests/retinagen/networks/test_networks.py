@@ -482,3 +482,45 @@ def test_config_code_input_reaches_the_generator(style: bool) -> None:
         cfg("model.code_input=loud")
     with pytest.raises(ConfigError):
         cfg("loss.info_continuous_weight=-0.5")
+
+
+def test_grade_entry_layers_starts_as_mapping_and_moves_only_its_grade() -> None:
+    torch.manual_seed(0)
+    g_map = StyleGenerator(SPEC, 16, w_dim=16, mapping_layers=2, num_classes=5, **TINY).eval()
+    g_lay = StyleGenerator(SPEC, 16, w_dim=16, mapping_layers=2, num_classes=5, grade_entry="layers", **TINY).eval()
+    missing = g_lay.load_state_dict(g_map.state_dict(), strict=False).missing_keys
+    assert missing == ["synthesis.grade_offsets"]
+    assert g_lay.synthesis.grade_offsets.shape == (len(g_lay.synthesis.blocks), 5, 16)
+    s = SPEC.sample(10, _gen(3))
+    grade = torch.arange(10) % 5
+    same = g_map.generate(s, grade, noise_mode="const")
+    assert torch.equal(g_lay.generate(s, grade, noise_mode="const"), same)  # zero offsets: the mapping model
+    with torch.no_grad():
+        g_lay.synthesis.grade_offsets[1:, 3] = 0.5  # grade 3, every block but the 4x4 one
+    moved = g_lay.generate(s, grade, noise_mode="const")
+    changed = (moved - same).abs().flatten(1).amax(1) > 1e-4
+    assert changed.tolist() == (grade == 3).tolist()
+    # The offsets learn: G's loss has a gradient on the rows of the grades in the batch only.
+    g_lay.train()
+    g_lay.zero_grad()
+    g_lay.generate(s, torch.tensor([0, 2] * 5), noise_mode="const").square().mean().backward()
+    row_grad = g_lay.synthesis.grade_offsets.grad.abs().sum(dim=(0, 2))
+    assert (row_grad[[0, 2]] > 0).all() and (row_grad[[1, 3, 4]] == 0).all()
+    with pytest.raises(ValueError, match="grade_entry"):
+        StyleGenerator(SPEC, 16, num_classes=5, grade_entry="every")
+
+
+def test_config_grade_entry_reaches_the_generator() -> None:
+    from retinagen.config import load_run_config, parse_overrides
+    from retinagen.networks.build import build_g
+
+    cfg = load_run_config("synthfundus", preset="smoke", overrides=parse_overrides(["model.grade_entry=layers"]))
+    assert build_g(cfg).synthesis.grade_offsets is not None
+    cfg = load_run_config("synthfundus", preset="smoke")
+    assert build_g(cfg).synthesis.grade_offsets is None  # default: the grade enters through the mapping only
+    cfg = load_run_config("synthfundus", preset="smoke", overrides=parse_overrides(
+        ["model.grade_entry=layers", "model.conditional=false"]))
+    assert build_g(cfg).synthesis.grade_offsets is None  # nothing to enter
+    cfg = load_run_config("synthfundus", preset="smoke", overrides=parse_overrides(
+        ["model.grade_entry=layers", "model.style=false"]))
+    build_g(cfg)  # InfoGAN's generator has no synthesis layers to enter: the key is ignored
