@@ -498,16 +498,18 @@ class Trainer:
             out_real = self._compiled_D(self._aug(real), real_grade)
         if self.augment is not None:
             self.augment.accumulate(out_real.logits)
-        loss_d = losses.d_logistic_loss(out_real.logits.float(), out_fake.logits.float())
-        stats["loss/D"] = loss_d.item()
+        neg_log_q_d = ce = None
         if beta > 0:
             q_fake = self._q_params(out_fake, fake.detach(), fake_grade)
-            info_d = losses.info_terms(self.spec, q_fake.float(), sample, cont_w)
-            loss_d = loss_d + beta * info_d.neg_log_q
+            neg_log_q_d = losses.info_terms(self.spec, q_fake.float(), sample, cont_w).neg_log_q
         if out_real.class_logits is not None and real_grade is not None:
             ce = losses.grade_ce_loss(out_real.class_logits.float(), real_grade)
-            loss_d = loss_d + cfg.loss.grade_weight * ce
             stats["loss/grade_ce"] = ce.item()
+        loss_d = losses.total_discriminator_loss(
+            out_real.logits.float(), out_fake.logits.float(), neg_log_q=neg_log_q_d, beta=beta,
+            grade_ce=ce, grade_weight=cfg.loss.grade_weight,
+        )  # fmt: skip
+        stats["loss/D"] = losses.d_logistic_loss(out_real.logits.float(), out_fake.logits.float()).item()
         self.opt_D.zero_grad(set_to_none=True)
         loss_d.backward()
         _allreduce_grads(self.D, self.d.world)
@@ -536,13 +538,15 @@ class Trainer:
             fake = self._run_G(sample, fake_grade)
             out = self._compiled_D(self._aug(fake), fake_grade)
             q_g = self._q_params(out, fake, fake_grade)
-        loss_g = losses.g_nonsaturating_loss(out.logits.float())
-        stats["loss/G"] = loss_g.item()
         info = losses.info_terms(self.spec, q_g.float(), sample, cont_w)
-        if beta > 0:
-            loss_g = loss_g + self.g_info_weight() * info.neg_log_q
+        fake_ce = None
         if out.class_logits is not None and fake_grade is not None:
-            loss_g = loss_g + cfg.loss.grade_weight * losses.grade_ce_loss(out.class_logits.float(), fake_grade)
+            fake_ce = losses.grade_ce_loss(out.class_logits.float(), fake_grade)
+        loss_g = losses.total_generator_loss(
+            out.logits.float(), neg_log_q=info.neg_log_q if beta > 0 else None, beta=self.g_info_weight(),
+            grade_ce=fake_ce, grade_weight=cfg.loss.grade_weight,
+        )  # fmt: skip
+        stats["loss/G"] = losses.g_nonsaturating_loss(out.logits.float()).item()
         self.opt_G.zero_grad(set_to_none=True)
         loss_g.backward()
         _allreduce_grads(self.G, self.d.world)

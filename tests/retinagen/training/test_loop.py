@@ -300,3 +300,41 @@ def test_a_time_budget_ends_the_run_cleanly(synth_zip_16: Path, tmp_path: Path) 
     more = (last.meta["train_seconds"] + 1.0) / 60.0
     assert main(["train", "--resume", str(run), "--minutes", f"{more:.4f}"]) == 0
     assert load_checkpoint(latest_valid_checkpoint(run / "checkpoints")).meta["step"] > last.meta["step"]
+
+
+def test_the_step_optimises_the_tested_total_losses(
+    synth_zip_16: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop's D and G losses are `total_discriminator_loss` / `total_generator_loss` (the functions
+    test_losses.py checks), not sums of its own: replacing them changes what the optimisers see."""
+    from retinagen.training import losses
+
+    cfg = _cfg(synth_zip_16, "model.aux_classifier=true", "loss.r1_gamma=0")  # R1 is its own lazy step
+    trainer = Trainer(cfg, tmp_path / "run", log=False)
+    trainer.grade_probs = torch.full((5,), 0.2)  # set from the dataset's grade counts in a real run
+    real = torch.zeros(4, 3, cfg.model.resolution, cfg.model.resolution)
+    grade = torch.tensor([0, 1, 2, 3])
+    calls: dict[str, list[dict[str, Any]]] = {"D": [], "G": []}
+    real_d, real_g = losses.total_discriminator_loss, losses.total_generator_loss
+
+    def spy_d(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls["D"].append(kwargs)
+        return real_d(*args, **kwargs) * 0.0  # a zero loss: D must not move
+
+    def spy_g(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls["G"].append(kwargs)
+        return real_g(*args, **kwargs) * 0.0
+
+    monkeypatch.setattr(losses, "total_discriminator_loss", spy_d)
+    monkeypatch.setattr(losses, "total_generator_loss", spy_g)
+    d_before = {k: v.clone() for k, v in trainer.D.state_dict().items()}
+    g_before = {k: v.clone() for k, v in trainer.G.state_dict().items()}
+    trainer.train_step(real, grade)
+    assert len(calls["D"]) == len(calls["G"]) == 1
+    assert calls["D"][0]["neg_log_q"] is not None and calls["D"][0]["grade_ce"] is not None
+    assert calls["G"][0]["neg_log_q"] is not None and calls["G"][0]["grade_ce"] is not None
+    assert calls["D"][0]["beta"] == calls["G"][0]["beta"] == cfg.loss.beta
+    # Adam with a zero gradient leaves every weight where it was: nothing else fed the optimisers.
+    assert all(torch.equal(v, d_before[k]) for k, v in trainer.D.state_dict().items())
+    moved = [k for k, v in trainer.G.state_dict().items() if not torch.equal(v, g_before[k])]
+    assert all("w_avg" in k for k in moved), moved  # only the mapping network's tracked average
