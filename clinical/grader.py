@@ -87,6 +87,7 @@ from retinagen.data.imageio import decode_image, resolve_inside
 from retinagen.errors import BadInputError, CheckpointError, ConfigError, RetinagenError
 from retinagen.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from retinagen.progress import progress_bar
+from retinagen.reporting import figure_png, jsonable
 from retinagen.training.checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = [
@@ -1220,15 +1221,6 @@ def _delta(a: np.ndarray, b: np.ndarray, va: float | None, vb: float | None, lev
 # Report
 
 
-def _fig_png(fig: Any) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)  # the object API with an Agg canvas: no pyplot, no global backend switch
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return buf.getvalue()
-
-
 def confusion_png(cm: Sequence[Sequence[int]], title: str) -> bytes:
     """A confusion-matrix plot (colour: row-normalised recall; text: counts) as PNG bytes."""
     from matplotlib.figure import Figure
@@ -1250,7 +1242,7 @@ def confusion_png(cm: Sequence[Sequence[int]], title: str) -> bytes:
     ax.set_ylabel("true grade")
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true grade")
-    return _fig_png(fig)
+    return figure_png(fig)
 
 
 def _fmt(e: Mapping[str, Any] | None, digits: int = 3, signed: bool = False) -> str:
@@ -1463,21 +1455,7 @@ def run_downstream(
         "notes": notes,
         "total_seconds": time.perf_counter() - t_start,
     }
-    report = _jsonable(report)
+    report = jsonable(report)
     atomic_write_json(json_path, report)
     atomic_write_text(json_path.with_suffix(".md"), render_markdown(report))
     return report
-
-
-def _jsonable(x: Any) -> Any:
-    """numpy scalars -> Python, NaN -> None: REPORT.json stays strict JSON."""
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.floating | float):
-        f = float(x)
-        return f if math.isfinite(f) else None
-    return x

@@ -106,12 +106,6 @@ class Preset(str, Enum):
     gpu = "gpu"
 
 
-def _not_built(command: str, issue: str) -> None:
-    """A sub-command whose feature is not built yet says so and exits 2; it does not pretend."""
-    typer.echo(f"retinagen {command}: not built yet ({issue}).", err=True)
-    raise typer.Exit(code=2)
-
-
 def _parse_grades(text: str | None) -> tuple[float, ...] | None:
     if text is None:
         return None

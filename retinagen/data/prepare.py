@@ -84,7 +84,6 @@ __all__ = [
     "member_name",
     "prepare_dataset",
     "prepare_image",
-    "read_report",
     "report_path_for",
 ]
 
@@ -730,11 +729,3 @@ def _reason_kind(reason: str) -> str:
     """A short category of a rejection reason for the summary (text up to the first ':' or '(')."""
     head = reason.split("(")[0].split(":")[0].strip()
     return head or reason
-
-
-def read_report(path: str | Path) -> dict[str, Any]:
-    """Load a prepare report (JSON)."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise RetinagenError(f"{path}: cannot read the prepare report ({type(e).__name__})") from None

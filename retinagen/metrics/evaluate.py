@@ -44,7 +44,6 @@ MSI(0,1,0) on the synthetic benchmark).
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import time
@@ -60,6 +59,7 @@ from retinagen.fileio import atomic_write_bytes, atomic_write_json, atomic_write
 from retinagen.metrics.fid import MetricUnavailable, RealSource, StatsCache, create_extractor, fid_repeated
 from retinagen.metrics.mig import DEFAULT_UNIFORM_BINS
 from retinagen.progress import progress_bar
+from retinagen.reporting import figure_png, jsonable
 
 __all__ = [
     "DEFAULT_METRICS",
@@ -188,35 +188,6 @@ class _LabelledImages(torch.utils.data.Dataset):
 # ========================================================================================== helpers
 def _skipped(reason: str) -> dict[str, Any]:
     return {"status": "skipped", "reason": reason}
-
-
-def _jsonable(x: Any) -> Any:
-    """numpy / torch scalars and arrays -> plain JSON types; non-finite floats -> None (JSON has no NaN)."""
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray | torch.Tensor):
-        return _jsonable(x.tolist())
-    if isinstance(x, np.bool_ | bool):
-        return bool(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, float | np.floating):
-        v = float(x)
-        return v if math.isfinite(v) else None
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
-def _fig_png(fig: Any) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return buf.getvalue()
 
 
 def _figure(width: float, height: float) -> Any:
@@ -532,7 +503,7 @@ def _linfo_section(run_dir: Path | None, ckpt_step: Any, files: Path, rel: str) 
     ax.set_ylabel("nats")
     ax.set_title("L_info of the discrete codes against its bound H(C)")
     ax.legend(loc="best", fontsize=8)
-    atomic_write_bytes(files / "linfo.png", _fig_png(fig))
+    atomic_write_bytes(files / "linfo.png", figure_png(fig))
     tail = l_disc[-max(1, len(l_disc) // 10) :]
     return {
         "status": "ok",
@@ -609,7 +580,7 @@ def _mi_plot(mig: Mapping[str, Any], files: Path, rel: str) -> str:
     ax.set_xlabel("code C_i")
     ax.set_title("I(V_k; C_i) from Q on real images (nats)")
     fig.colorbar(im, ax=ax)
-    atomic_write_bytes(files / "mi.png", _fig_png(fig))
+    atomic_write_bytes(files / "mi.png", figure_png(fig))
     return f"{rel}/mi.png"
 
 
@@ -629,7 +600,7 @@ def _acm_plot(acm: Mapping[str, Any], files: Path, rel: str) -> str:
     ax.invert_yaxis()  # first row at the top, as in the table
     ax.set_xlim(0, 100)
     ax.set_xlabel("ACM: consistently controlled samples (%) with 95 % margin")
-    atomic_write_bytes(files / "acm.png", _fig_png(fig))
+    atomic_write_bytes(files / "acm.png", figure_png(fig))
     return f"{rel}/acm.png"
 
 
@@ -878,7 +849,7 @@ def evaluate_checkpoint(
         "timings_s": timings,
     }
     report["total_seconds"] = round(time.perf_counter() - t_start, 3)
-    report = _jsonable(report)
+    report = jsonable(report)
     atomic_write_json(out_json, report)
     atomic_write_text(out_json.with_suffix(".md"), render_markdown(report))
     return report

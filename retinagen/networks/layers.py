@@ -28,13 +28,6 @@ def lrelu(x: torch.Tensor) -> torch.Tensor:
     return F.leaky_relu(x, LRELU_SLOPE) * LRELU_GAIN
 
 
-class ScaledLeakyReLU(nn.Module):
-    """Module form of `lrelu`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lrelu(x)
-
-
 def normalize_2nd_moment(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
     """Scale x so that its mean square along ``dim`` is 1 (StyleGAN's "pixel norm" of the latent)."""
     return x * (x.square().mean(dim=dim, keepdim=True) + eps).rsqrt()

@@ -56,7 +56,6 @@ from retinagen.training.checkpoint import (
 from retinagen.training.ema import ema_beta, update_ema
 
 # Config sections that must match between a checkpoint and the run resuming it.
-ARCH_SECTIONS = ("model", "latent")
 RESUME_SECTIONS = ("model", "latent", "loss", "optim", "data")
 
 
