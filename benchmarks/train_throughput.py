@@ -7,6 +7,7 @@ interval) and the achieved FLOP/s as a fraction of this machine's measured dense
     python benchmarks/train_throughput.py                       # CPU: cpu widths 64/128/256 + paper widths 64
     python benchmarks/train_throughput.py --device cuda --widths paper --resolutions 256 --batch 32
     python benchmarks/train_throughput.py --compile-ab --widths cpu --resolutions 32,64 --steps 10
+    python benchmarks/train_throughput.py --baseline origin/main --widths cpu --resolutions 32,64 --repeats 3
 
 On CUDA it also prints seconds per kimg (the StyleGAN2-ADA paper quotes 21.6-24.2 s/kimg at 256 px,
 batch 32, on one V100).
@@ -214,19 +215,139 @@ def bench_compile_ab(resolution: int, widths: str, batch: int, steps: int, devic
     }
 
 
+# ------------------------------------------------------------------------------- --baseline REV
+def time_steps(resolution: int, widths: str, batch: int, steps: int, device: str, amp: str,
+               weights_out: str | None = None) -> dict:
+    """Worker of `--baseline`: img/s over ``steps`` timed steps of the `retinagen` on sys.path (after 2
+    warm-up steps), and, with ``weights_out``, G and D's weights after 2 fixed-seed steps saved there.
+    Uses only the Trainer API (config loader, ``Trainer(cfg, folder, progress=False)``, ``train_step``), so
+    it runs against older revisions too."""
+    import retinagen
+
+    tr = _trainer(resolution, widths, batch, device, amp, False)
+    dev = tr.device
+    g = torch.Generator().manual_seed(0)
+    real = (torch.rand(batch, 3, resolution, resolution, generator=g) * 2 - 1).to(dev)
+    grade = torch.randint(0, tr.cfg.model.num_classes, (batch,), generator=g).to(dev)
+    for _ in range(2):
+        tr.train_step(real, grade)
+    if weights_out:
+        from safetensors.torch import save_file
+
+        state = {f"G.{k}": v for k, v in tr.G.state_dict().items()}
+        state.update({f"D.{k}": v for k, v in tr.D.state_dict().items()})
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, weights_out)
+    _sync(dev)
+    t = time.perf_counter()
+    for _ in range(steps):
+        tr.train_step(real, grade)
+    _sync(dev)
+    elapsed = time.perf_counter() - t
+    return {"images_per_s": batch * steps / elapsed, "peak_rss_mib": peak_rss_mib(),
+            "retinagen": str(Path(retinagen.__file__).resolve().parent)}
+
+
+def _worker(tree: Path, args: dict) -> dict:
+    """`time_steps(**args)` in a fresh Python process that imports retinagen from ``tree``."""
+    import json
+    import subprocess
+
+    code = (
+        "import json, sys, torch\n"
+        f"sys.path[:0] = [{str(tree)!r}, {str(Path(__file__).resolve().parent)!r}]\n"
+        f"torch.set_num_threads({torch.get_num_threads()})\n"
+        "import train_throughput as tt\n"
+        f"print('RESULT ' + json.dumps(tt.time_steps(**json.loads({json.dumps(args)!r}))))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tree)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"worker on {tree} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    out = json.loads(lines[-1][len("RESULT "):])
+    if Path(out["retinagen"]).parent != tree.resolve():
+        raise SystemExit(f"worker on {tree} imported retinagen from {out['retinagen']}")
+    return out
+
+
+def bench_baseline(rev: str, resolutions: list[int], widths: list[str], batch: int, steps: int | None,
+                   repeats: int, device: str, amp: str) -> None:
+    """The working tree against git revision ``rev`` (checked out as a temporary worktree): for each
+    repeat, one process per tree, in alternating order, timing the same steps; then the weights of both
+    after 2 fixed-seed steps compared."""
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    here = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory(prefix="retinagen-baseline-") as tmp:
+        base = Path(tmp) / "tree"
+        subprocess.run(["git", "-C", str(here), "worktree", "add", "--detach", str(base), rev], check=True,
+                       capture_output=True)
+        try:
+            sha = subprocess.run(["git", "-C", str(base), "rev-parse", "--short", "HEAD"], check=True,
+                                 capture_output=True, text=True).stdout.strip()
+            print(f"baseline: {rev} ({sha}) in a worktree; current: the working tree {here}")
+            print(f"{'res':>4} {'widths':>6} {'batch':>5} {'baseline img/s':>14} {'current img/s':>13} "
+                  f"{'ratio (min-max)':>18} {'peak RSS MiB b/c':>17} {'max |dW| after 2 steps':>23}")
+            for w in widths:
+                for res in resolutions:
+                    k = steps or 16  # default: one lazy-R1 interval of the presets (R1 every 16 steps)
+                    args = {"resolution": res, "widths": w, "batch": batch, "steps": k, "device": device,
+                            "amp": amp}
+                    runs: dict[str, list[dict]] = {"base": [], "cur": []}
+                    for i in range(repeats):
+                        order = [("base", base), ("cur", here)]
+                        for name, tree in order if i % 2 == 0 else order[::-1]:
+                            runs[name].append(_worker(tree, args))
+                    ratios = sorted(c["images_per_s"] / b["images_per_s"]
+                                    for b, c in zip(runs["base"], runs["cur"], strict=True))
+                    wb, wc = Path(tmp) / "base.safetensors", Path(tmp) / "cur.safetensors"
+                    _worker(base, {**args, "steps": 0, "weights_out": str(wb)})
+                    _worker(here, {**args, "steps": 0, "weights_out": str(wc)})
+                    a, b = load_file(str(wb)), load_file(str(wc))
+                    if a.keys() != b.keys():
+                        diff = f"keys differ ({len(a.keys() ^ b.keys())})"
+                    else:
+                        diff = f"{max(float((a[n] - b[n]).abs().max()) for n in a):.2e}"
+                    med_b = statistics.median(r["images_per_s"] for r in runs["base"])
+                    med_c = statistics.median(r["images_per_s"] for r in runs["cur"])
+                    rss = f"{max(r['peak_rss_mib'] for r in runs['base']):.0f}/{max(r['peak_rss_mib'] for r in runs['cur']):.0f}"
+                    spread = f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})"
+                    print(f"{res:>4} {w:>6} {batch:>5} {med_b:>14.1f} {med_c:>13.1f} {spread:>18} {rss:>17} "
+                          f"{diff:>23}", flush=True)
+            print(f"({repeats} repeats, one process per tree per repeat, alternating order; {k} timed steps after "
+                  "2 warm-up steps; ratio = current / baseline per repeat)")
+        finally:
+            subprocess.run(["git", "-C", str(here), "worktree", "remove", "--force", str(base)], check=False,
+                           capture_output=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--resolutions", default=None, help="comma separated (default 64,128,256)")
     ap.add_argument("--widths", default=None, help="cpu, paper or cpu,paper (default: both)")
     ap.add_argument("--batch", type=int, default=None, help="default 16 on CPU, 32 on CUDA")
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="timed steps (default 4; --baseline: 16, one lazy-R1 interval)")
     ap.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"])
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--compile-ab", action="store_true",
                     help="eager vs torch.compile, interleaved in one process: img/s of each, ratio, compile warm-up")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--baseline", metavar="REV", default=None,
+                    help="time the working tree against git revision REV (a temporary worktree), interleaved")
+    ap.add_argument("--repeats", type=int, default=3, help="--baseline: processes per tree (default 3)")
     args = ap.parse_args(argv)
+    if args.baseline:  # checked before the minute-long peak measurement
+        import subprocess
+
+        if args.repeats < 1:
+            ap.error("--repeats must be at least 1")
+        found = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "rev-parse", "--verify",
+                                "--quiet", f"{args.baseline}^{{commit}}"], capture_output=True, text=True)
+        if found.returncode != 0:
+            ap.error(f"--baseline {args.baseline}: not a git revision of this repository")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -237,23 +358,26 @@ def main(argv: list[str] | None = None) -> int:
     peak, peak_path = matmul_peak(device, peak_dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; measured dense matmul peak ({peak_dtype}, {peak_path}): {peak / 1e12:.3f} TFLOP/s")
+    if args.baseline:
+        bench_baseline(args.baseline, resolutions, widths, batch, args.steps, args.repeats, args.device, args.amp)
+        return 0
     if args.compile_ab:
         print(f"{'res':>4} {'widths':>6} {'batch':>5} {'eager img/s':>11} {'compiled img/s':>14} "
               f"{'ratio (min-max)':>20} {'compile warm-up s':>17} {'peak RSS MiB':>12}")
         for w in widths:
             for res in resolutions:
-                r = bench_compile_ab(res, w, batch, args.steps, args.device, args.amp)
+                r = bench_compile_ab(res, w, batch, args.steps or 4, args.device, args.amp)
                 spread = f"{r['ratio_median']:.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"
                 print(f"{res:>4} {w:>6} {batch:>5} {r['eager_img_s']:>11.1f} {r['compiled_img_s']:>14.1f} "
                       f"{spread:>20} {r['warmup_s']:>17.1f} {r['peak_rss_mib']:>12.0f}", flush=True)
-        print(f"({args.steps} interleaved pairs from step 2; lazy R1 every {r['r1_interval']} steps lands in both "
+        print(f"({args.steps or 4} interleaved pairs from step 2; lazy R1 every {r['r1_interval']} steps lands in both "
               "members of a pair)")
         return 0
     print(f"{'res':>4} {'widths':>6} {'batch':>5} {'G M':>6} {'D M':>6} {'ms/step':>9} {'img/s':>8} "
           f"{'s/kimg':>8} {'GFLOP/img':>9} {'TFLOP/s':>8} {'% peak':>7} {'peak MiB':>9}")
     for w in widths:
         for res in resolutions:
-            r = bench(res, w, batch, args.steps, args.device, args.amp, args.compile)
+            r = bench(res, w, batch, args.steps or 4, args.device, args.amp, args.compile)
             print(f"{r['resolution']:>4} {w:>6} {r['batch']:>5} {r['params_G_M']:>6.2f} {r['params_D_M']:>6.2f} "
                   f"{r['step_ms']:>9.1f} {r['images_per_s']:>8.1f} {r['s_per_kimg']:>8.1f} {r['gflop_per_image']:>9.3f} "
                   f"{r['achieved_tflops']:>8.3f} {100 * r['achieved_tflops'] * 1e12 / peak:>6.1f}% {r['peak_mem_mib']:>9.0f}",
