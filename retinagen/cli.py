@@ -537,7 +537,7 @@ def evaluate(
     if factors is None and ("acm" in wanted or top_factors > 0):
         candidate = default_factor_map_path(tensor_path)
         if candidate.is_file():
-            from retinagen.metrics.discovery import load_factor_map
+            from retinagen.factor_map import load_factor_map
 
             if load_factor_map(candidate).get("checkpoint_sha256") == sha256_file(tensor_path):
                 factors = candidate

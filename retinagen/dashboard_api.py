@@ -176,10 +176,14 @@ def parse_app_args(argv: Sequence[str] | None = None, environ: Mapping[str, str]
 
 
 def app_path() -> Path:
-    """The dashboard's Streamlit script, ``apps/dashboard.py`` of the installed package."""
-    import apps
+    """The dashboard's Streamlit script, ``apps/dashboard.py`` of the installed package.
 
-    path = Path(apps.__file__).resolve().parent / "dashboard.py"
+    Found without importing ``apps`` (the UI layer sits above this module and imports it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("apps")
+    origin = spec.origin if spec is not None else None
+    path = Path(origin).resolve().parent / "dashboard.py" if origin else Path("apps") / "dashboard.py"
     if not path.is_file():
         raise RetinagenError(f"{path}: the dashboard app is missing; reinstall retinagen from a full checkout")
     return path

@@ -142,10 +142,10 @@ def find_factor_map(model: LoadedModel, path: str | Path | None = None) -> tuple
     """The factor map for ``model``: ``path`` when given (it must exist), else the default one if present.
 
     Returns ``(map, path)`` or None when no path is given and no default map exists. The map is validated
-    (`retinagen.metrics.discovery.load_factor_map`) and every code it names must be a code of ``model``
+    (`retinagen.factor_map.load_factor_map`) and every code it names must be a code of ``model``
     (`CodeValueError` otherwise: a map discovered on a model with other codes is unusable).
     """
-    from retinagen.metrics.discovery import load_factor_map
+    from retinagen.factor_map import load_factor_map
 
     if path is None:
         path = default_factor_map_path(model.path)
@@ -170,14 +170,14 @@ def resolve_code_name(spec: LatentSpec, name: str | int, aliases: Mapping[str, s
                       factor_map: Mapping[str, Any] | None = None, *, flag: str = "--set") -> int:
     """The index of the code a user named: an index (``4``), a code name (``c4``) or an attribute name.
 
-    Attribute names come from ``aliases`` (code -> attribute, `retinagen.metrics.discovery.factor_aliases`) and
+    Attribute names come from ``aliases`` (code -> attribute, `retinagen.factor_map.factor_aliases`) and
     from a factor map (its assigned attributes and their synonyms, e.g. ``melanin`` for ``pigmentation``,
-    `retinagen.metrics.discovery.attribute_codes`). Raises `CodeValueError` whose message lists every valid
+    `retinagen.factor_map.attribute_codes`). Raises `CodeValueError` whose message lists every valid
     name; for an attribute name without a factor map it says how to make one; for an attribute the map did not
     assign to any code it says so.
     """
+    from retinagen.factor_map import attribute_codes
     from retinagen.metrics.attributes import ATTRIBUTES, SYNONYMS
-    from retinagen.metrics.discovery import attribute_codes
 
     text = str(name).strip()
     if (isinstance(name, int) and not isinstance(name, bool)) or text.isdigit():

@@ -232,7 +232,7 @@ def _report_json(path: Path) -> Path:
 
 
 def _factor_map(path: Path) -> Path:
-    from retinagen.metrics.discovery import load_factor_map
+    from retinagen.factor_map import load_factor_map
 
     _readable_file(path)
     return _loaded(load_factor_map)(path)

@@ -30,21 +30,24 @@ what ``generate --set melanin=0.8`` (`factor_aliases`, `attribute_codes`) and th
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from retinagen.errors import BadInputError
-from retinagen.fileio import atomic_write_json
+from retinagen.factor_map import (  # the map's file format lives there; re-exported for callers of this module
+    FACTOR_MAP_SCHEMA,
+    attribute_codes,
+    factor_aliases,
+    load_factor_map,
+    save_factor_map,
+)
 from retinagen.metrics.acm import acm_from_curves
-from retinagen.metrics.attributes import ATTRIBUTES, SYNONYMS, measure, resolve_attribute
+from retinagen.metrics.attributes import ATTRIBUTES, measure, resolve_attribute
 from retinagen.progress import progress_bar
 
 __all__ = [
@@ -60,9 +63,7 @@ __all__ = [
     "save_factor_map",
 ]
 
-FACTOR_MAP_SCHEMA = "retinagen.factor_map/1"
 DR_GRADE = "dr_grade"  # the attribute name of the grader's expected DR grade
-_KINDS = ("categorical", "bernoulli", "uniform")
 
 # A probe or grader: generated images float [N, 3, R, R] in [-1, 1] (CPU) -> one float per image [N].
 ProbeFn = Callable[[torch.Tensor], Any]
@@ -400,94 +401,3 @@ def format_table(result: DiscoveryResult, top: int | None = 20, assigned_only: b
             f"{r['consistency']:>8.2f} {r['direction']:>+4d} {r['score']:>7.2f} {mark}"
         )
     return "\n".join(lines)
-
-
-# ============================================================================================ the map
-def save_factor_map(result: DiscoveryResult | Mapping[str, Any], path: str | Path) -> Path:
-    """Write the factor map JSON atomically (validated first); returns the path."""
-    data = result.to_json() if isinstance(result, DiscoveryResult) else dict(result)
-    _validate(data, None)
-    path = Path(path)
-    atomic_write_json(path, data)
-    return path
-
-
-def load_factor_map(path: str | Path) -> dict[str, Any]:
-    """Read and validate a factor map written by `save_factor_map`; `BadInputError` naming the problem."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise BadInputError(path, f"cannot read the factor map ({exc.strerror or exc})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInputError(path, f"not a JSON factor map ({exc})") from None
-    _validate(data, path)
-    return data
-
-
-def _validate(data: Any, path: Path | None) -> None:
-    def bad(reason: str) -> BadInputError:
-        return BadInputError(path, f"invalid factor map: {reason}")
-
-    if not isinstance(data, dict):
-        raise bad("the top level must be an object")
-    if data.get("schema") != FACTOR_MAP_SCHEMA:
-        raise bad(f"schema must be {FACTOR_MAP_SCHEMA!r}, got {data.get('schema')!r}")
-    codes, attrs = data.get("codes"), data.get("attributes")
-    if not isinstance(codes, dict) or not isinstance(attrs, dict):
-        raise bad("'codes' and 'attributes' must be objects")
-    for code, entry in codes.items():
-        if not isinstance(code, str) or not isinstance(entry, dict):
-            raise bad(f"code {code!r}: each code must map to an object")
-        attr = entry.get("attribute")
-        if attr is not None and not isinstance(attr, str):
-            raise bad(f"code {code}: 'attribute' must be a name or null")
-        if entry.get("kind") not in _KINDS:
-            raise bad(f"code {code}: 'kind' must be one of {', '.join(_KINDS)}")
-        for key in ("effect", "consistency", "score"):
-            v = entry.get(key, 0.0)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise bad(f"code {code}: {key!r} must be a finite number")
-        if not 0.0 <= entry.get("consistency", 0.0) <= 1.0:
-            raise bad(f"code {code}: 'consistency' must lie in [0, 1]")
-        if entry.get("direction", 1) not in (-1, 0, 1):
-            raise bad(f"code {code}: 'direction' must be -1, 0 or +1")
-        if attr is not None and attrs.get(attr) != code:
-            raise bad(
-                f"code {code} is assigned {attr!r} but 'attributes' maps {attr!r} to {attrs.get(attr)!r}"
-            )
-    for attr, code in attrs.items():
-        if not isinstance(code, str) or code not in codes:
-            raise bad(f"attribute {attr!r} maps to unknown code {code!r}")
-        if codes[code].get("attribute") != attr:
-            raise bad(
-                f"attribute {attr!r} maps to {code}, whose attribute is {codes[code].get('attribute')!r}"
-            )
-
-
-def _as_map(factor_map: DiscoveryResult | Mapping[str, Any]) -> Mapping[str, Any]:
-    return factor_map.to_json() if isinstance(factor_map, DiscoveryResult) else factor_map
-
-
-def factor_aliases(factor_map: DiscoveryResult | Mapping[str, Any]) -> dict[str, str]:
-    """Code name -> assigned attribute name (e.g. ``{"c4": "pigmentation"}``); unassigned codes left out.
-
-    This is the ``aliases`` argument of `retinagen.generation.parse_code_settings`.
-    """
-    codes = _as_map(factor_map).get("codes", {})
-    return {code: e["attribute"] for code, e in codes.items() if isinstance(e, dict) and e.get("attribute")}
-
-
-def attribute_codes(factor_map: DiscoveryResult | Mapping[str, Any]) -> dict[str, str]:
-    """Every name a user may type for a discovered attribute -> its code, synonyms included.
-
-    ``{"pigmentation": "c4", "melanin": "c4", ...}``: what ``generate --set melanin=0.8`` resolves.
-    """
-    out: dict[str, str] = {}
-    aliases = factor_aliases(factor_map)
-    for code, attr in aliases.items():
-        out[attr] = code
-    for syn, attr in SYNONYMS.items():
-        if attr in out and syn not in out:
-            out[syn] = out[attr]
-    return out
