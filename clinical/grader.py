@@ -37,7 +37,7 @@ The grader
 
     Augmentation: small rotations (+-15 deg), isotropic scaling (+-10 %), shifts (+-5 %), brightness
     and contrast jitter (+-20 %), drawn from a seeded ``torch.Generator``. **No flips**: a mirrored
-    fundus is an eye of the other side (DESIGN.md: ``RandFlip`` flips laterality). A DR grade does not
+    fundus is an eye of the other side (a ``RandFlip`` flips laterality). A DR grade does not
     depend on the side, so a flip would not change the label, but the test images are never
     mirrored and the project does not make images of impossible anatomy; rotations and scalings
     have a positive determinant and never mirror.

@@ -1,4 +1,4 @@
-"""The command line: names and flags of DESIGN.md, exit codes 0 / 2 / 1."""
+"""The command line: its documented names and flags (README), exit codes 0 / 2 / 1."""
 
 from __future__ import annotations
 
