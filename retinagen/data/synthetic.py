@@ -3,8 +3,7 @@
 Every image is rendered from a :class:`FundusFactors` record, so the factors that a GAN should
 discover (pigmentation, glare, field-of-view shape, exposure, vessels, disc position, DR lesions)
 are known exactly and can score MIG / ACM without a human. Rendering is numpy + OpenCV at the
-target resolution (no 1024 px render downsampled): about 1.5 ms per image at 64 px and 12 ms at
-256 px on one core (``benchmarks/synth_throughput.py``).
+target resolution (no 1024 px render downsampled); ``benchmarks/synth_throughput.py`` measures its speed.
 
 Geometry is in *normalised image coordinates*: x to the right and y downwards, both in [-1, 1]
 (units of the image half-width, centre 0). Anatomical sizes scale with ``fov_radius`` (a smaller

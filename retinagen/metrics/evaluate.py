@@ -33,10 +33,9 @@ The fundus encoder, when none is given, is trained with `train_fundus_encoder` (
 at least ``encoder_min_steps`` optimizer steps, on at most ``encoder_max_images`` images, seed 0) and cached in the statistics cache folder (default
 ``~/.cache/retinagen/stats``), keyed by the dataset fingerprint and the training settings, so every model
 evaluated against the same data is scored with the same encoder (fd_fundus values are only comparable with
-the same encoder; `compare_reports` checks this). Cost: about 1.5-2.5 ms per image per epoch at 32 px on one
-CPU core, i.e. 20-35 s for the default 800 steps of 16 images (measured: 762 synthetic images at 32 px, 22
-epochs, 34 s on a busy core), growing with the square of the resolution (the encoder's input is the dataset's
-resolution, at most 128 px) and with the data beyond 800 x 16 / 12 images; on a GPU it is negligible.
+the same encoder; `compare_reports` checks this). Its cost grows with the square of the resolution (the
+encoder's input is the dataset's resolution, at most 128 px) and with the number of steps; the README gives
+the measured evaluation times.
 
 `compare_reports` renders several reports side by side (e.g. InfoStyleGAN MSI(1,1,0) against InfoGAN
 MSI(0,1,0) on the synthetic benchmark).
