@@ -261,6 +261,21 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+def _agree_on_stopping(budget_hit: bool, flag: _StopFlag, device: torch.device) -> bool:
+    """Multi-process runs: each process's own clock and signals, combined (max) over all of them.
+
+    A time budget is measured by each process's clock and a signal may reach one process only (a `kill`
+    of one PID, a scheduler that signals only the first task): a process that left the loop alone would
+    leave the others waiting in the next gradient all_reduce. Returns whether any process's budget is
+    spent, and marks ``flag`` stopped (with the signal) if any process was signalled."""
+    signum = float(flag.signum or 0) if flag.stop else 0.0
+    t = torch.tensor([float(budget_hit), signum, float(flag.stop)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if t[2] > 0 and not flag.stop:
+        flag.stop, flag.signum = True, int(t[1]) or None
+    return bool(t[0] > 0)
+
+
 def threading_main() -> bool:
     import threading
 
@@ -810,7 +825,10 @@ def train(
                     f"Linfo {stats['info/L_info_discrete']:.1f}/{stats['info/H_discrete']:.1f}"
                 )
             done = trainer.images_seen >= total_images
-            if not done and budget_s is not None and trainer.elapsed_train_seconds() >= budget_s:
+            budget_hit = not done and budget_s is not None and trainer.elapsed_train_seconds() >= budget_s
+            if d.world > 1:  # every process leaves at the same step, or the others wait in an all_reduce
+                budget_hit = _agree_on_stopping(budget_hit, flag, trainer.device)
+            if budget_hit:
                 done = budget_reached = True
             if d.main and (trainer.images_seen >= next_sample or done):
                 trainer.save_samples()

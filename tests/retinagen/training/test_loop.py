@@ -338,3 +338,35 @@ def test_the_step_optimises_the_tested_total_losses(
     assert all(torch.equal(v, d_before[k]) for k, v in trainer.D.state_dict().items())
     moved = [k for k, v in trainer.G.state_dict().items() if not torch.equal(v, g_before[k])]
     assert all("w_avg" in k for k in moved), moved  # only the mapping network's tracked average
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker processes through /proc")
+def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_step(synth_zip_16: Path, tmp_path: Path) -> None:
+    """`kill PID` of one torchrun worker (or a scheduler that signals one task): every process must leave
+    the loop at the same step and rank 0 must save; a process leaving alone left the other one waiting in
+    the next gradient all_reduce."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "retinagen.cli", "train", "--preset", "smoke", "--data", str(synth_zip_16), "--out", str(run),
+           "--kimg", "100", "--set", *_DDP_SET, "--set", "train.workers=0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (run / "metrics.jsonl").is_file() or (run / "metrics.jsonl").stat().st_size == 0:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
+            time.sleep(0.2)
+        workers = sorted(int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split())
+        assert len(workers) == 2, workers
+        os.kill(workers[-1], signal.SIGTERM)  # one worker only, not the group
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "stopped:" in out and "resume with: retinagen train --resume" in out, out[-3000:]
+    ck = latest_valid_checkpoint(run / "checkpoints")
+    assert ck is not None and load_checkpoint(ck).meta["step"] > 0
