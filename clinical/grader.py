@@ -84,6 +84,7 @@ from torch.utils.data import DataLoader, Dataset
 from retinagen import __version__
 from retinagen.data.dataset import ZipImageDataset
 from retinagen.data.imageio import decode_image, resolve_inside
+from retinagen.dr_scale import NUM_GRADES, REFERABLE_GRADE
 from retinagen.errors import BadInputError, CheckpointError, ConfigError, RetinagenError
 from retinagen.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from retinagen.progress import progress_bar
@@ -128,8 +129,6 @@ __all__ = [
     "train_grader",
 ]
 
-NUM_GRADES = 5  # ICDR / EyePACS grades 0-4
-REFERABLE_GRADE = 2  # referable DR: moderate NPDR or worse
 ARMS = ("real_only", "real_plus_synthetic", "synthetic_only")
 ARM_TITLES = {"real_only": "real only", "real_plus_synthetic": "real + synthetic", "synthetic_only": "synthetic only"}
 GRADER_FORMAT = "retinagen-grader"

@@ -46,6 +46,7 @@ import cv2
 import numpy as np
 import torch
 
+from retinagen.dr_scale import GRADE_NAMES, grade_label  # re-exported: the pages call api.grade_label
 from retinagen.errors import BadInputError, NoFundusError, RetinagenError
 from retinagen.generation import (
     LoadedModel,
@@ -125,7 +126,6 @@ REVIEW_DIR = "reviews"
 # A browser request may not start an arbitrarily large job; bigger rebalances belong to `retinagen rebalance`.
 MAX_DASHBOARD_REBALANCE = 5000
 MAX_REPORTS = 50
-GRADE_NAMES = ("0 no DR", "1 mild", "2 moderate", "3 severe", "4 proliferative")
 
 _ATTRIBUTE_DISPLAY = {
     "pigmentation": "pigmentation (melanin)",
@@ -140,11 +140,6 @@ _ATTRIBUTE_DISPLAY = {
 def attribute_label(attribute: str) -> str:
     """A display name for a factor-map attribute (``fov_area`` -> ``field of view``)."""
     return _ATTRIBUTE_DISPLAY.get(attribute, attribute.replace("_", " "))
-
-
-def grade_label(grade: int) -> str:
-    """``2`` -> ``"2 moderate"`` (the international DR scale; other numbers as they are)."""
-    return GRADE_NAMES[grade] if 0 <= grade < len(GRADE_NAMES) else str(grade)
 
 
 # ===================================================================================== app arguments

@@ -133,3 +133,15 @@ def test_the_check_sees_an_added_upward_import_and_cycle(tmp_path: Path) -> None
     g = graph(tmp_path)
     assert upward_imports(g) == ["retinagen.core_mod (core) imports clinical.tool (clinical)"]
     assert cycles(g) == [["clinical.helper", "clinical.tool"]]
+
+
+def test_the_dr_scale_has_one_home() -> None:
+    """The grade scale's numbers are defined once (retinagen/dr_scale.py) and imported everywhere else."""
+    import re
+
+    defined = []
+    for module, path in product_modules().items():
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if re.match(r"(NUM_GRADES|REFERABLE_GRADE|DR_GRADES|GRADE_NAMES)\s*=\s*[\d(\"']", line):
+                defined.append(f"{module}:{n}")
+    assert [d.split(":")[0] for d in defined] == ["retinagen.dr_scale"] * 3, defined

@@ -38,6 +38,7 @@ from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from retinagen.data.imageio import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, is_dicom_file, resolve_inside
+from retinagen.dr_scale import NUM_GRADES
 from retinagen.errors import RetinagenError, UnsafePathError
 
 __all__ = [
@@ -50,7 +51,7 @@ __all__ = [
     "scan_source",
 ]
 
-DR_GRADES = 5  # ICDR / EyePACS diabetic retinopathy grades 0-4
+DR_GRADES = NUM_GRADES  # ICDR / EyePACS diabetic retinopathy grades 0-4
 SPLIT_NAMES = ("train", "val", "test")
 _EYES = ("left", "right")
 

@@ -64,6 +64,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from retinagen.dr_scale import NUM_GRADES
 from retinagen.errors import ConfigError, RetinagenError
 from retinagen.fileio import atomic_write_json, atomic_write_text
 from retinagen.progress import progress_bar
@@ -295,7 +296,7 @@ def sample_factors(
     p = _check_grade_probs(grade_probs)
     if laterality is not None and laterality not in LATERALITY_CODES:
         raise SynthArgumentError(f"laterality must be 'left', 'right' or None, got {laterality!r}")
-    if grade is not None and (isinstance(grade, bool) or grade not in range(5)):
+    if grade is not None and (isinstance(grade, bool) or grade not in range(NUM_GRADES)):
         raise SynthArgumentError(f"grade must be an integer 0-4 or None, got {grade!r}")
     u = rng.random(16)
     seeds = rng.integers(0, MAX_SEED, size=2, endpoint=True)
@@ -1170,7 +1171,7 @@ def write_synth_dataset(
             tmp / "factors.csv",
             _csv_text(["image", *names], ([s, *(_fmt(v) for v in f.as_row().values())] for s, f in plan)),
         )
-        grade_counts = {g: 0 for g in range(5)}
+        grade_counts = {g: 0 for g in range(NUM_GRADES)}
         for _, f in plan:
             grade_counts[f.grade] += 1
         atomic_write_json(

@@ -47,6 +47,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from retinagen.config import JUDGE_SEEDS
+from retinagen.dr_scale import REFERABLE_GRADE
 from retinagen.errors import CheckpointError
 from retinagen.metrics.fid import feature_stats, frechet_distance, images_to_uint8_nchw
 
@@ -54,7 +55,6 @@ JUDGES_SCHEMA = "retinagen.judges/1"
 # Not a seed any training data uses: `retinagen train` renders its built-in data with data.synth_seed
 # (default 0), and the config refuses the judges' seeds JUDGE_SEEDS = (JUDGE_SEED, JUDGE_SEED + 1) there.
 JUDGE_SEED = JUDGE_SEEDS[0]
-REFERABLE_GRADE = 2  # ICDR: moderate NPDR or worse is referable
 FIDELITY_P = 0.5
 PRC_K = 3
 JUDGE_FILES = ("encoder.safetensors", "encoder.json", "reference.safetensors", "reference.zip")
