@@ -90,6 +90,7 @@ from retinagen.fileio import atomic_write_bytes, atomic_write_json, atomic_write
 from retinagen.progress import progress_bar
 from retinagen.reporting import figure_png, jsonable
 from retinagen.training.checkpoint import load_checkpoint, save_checkpoint
+from retinagen.training.schedule import warmup_cosine
 
 __all__ = [
     "ARCHITECTURES",
@@ -872,13 +873,7 @@ def train_grader(
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     warmup = max(1, int(config.warmup_fraction * config.steps))
 
-    def lr_factor(step: int) -> float:  # linear warm-up, then cosine to 0
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, config.steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * t))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, config.steps, warmup))
     weight = _class_weights(labels).to(device) if config.loss == "weighted_ce" else None
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 0x61756]).generate_state(1)[0]))
     plan = _batch_plan(len(data), config.steps, config.batch_size, seed)

@@ -9,6 +9,7 @@ a full disk would), so `storage_error_message` and the CLI can say which file co
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import tempfile
@@ -117,3 +118,12 @@ def atomic_write_with(target: str | Path, writer: Callable[[Path], None]) -> Non
     """Call ``writer(tmp_path)`` and move the result onto ``target`` atomically."""
     with atomic_path(target) as tmp:
         writer(tmp)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in ``chunk``-byte blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()

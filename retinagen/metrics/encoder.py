@@ -76,6 +76,7 @@ from retinagen.fileio import atomic_path, atomic_write_json
 from retinagen.metrics.fid import FeatureExtractor, MetricUnavailable, register_extractor
 from retinagen.progress import progress_bar
 from retinagen.training.checkpoint import check_safetensors_header, sha256_file
+from retinagen.training.schedule import warmup_cosine
 
 __all__ = [
     "ENCODER_ENV_VAR",
@@ -550,9 +551,7 @@ def train_fundus_encoder(
     epochs = max(epochs, math.ceil(min_steps / steps_per_epoch))
     total_steps = epochs * steps_per_epoch
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / total_steps, 1.0)))
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total_steps))
     history: list[dict[str, float]] = []
     net.train()
     with progress_bar(epochs * n_train, "fundus encoder: train", enabled=progress) as bar:

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from retinagen.errors import RetinagenError
-from retinagen.fileio import atomic_path
+from retinagen.fileio import atomic_path, sha256_file
 from retinagen.progress import progress_bar
 
 __all__ = [
@@ -387,14 +387,6 @@ def resolve_inception_weights(path: str | Path | None = None) -> Path:
 _VERIFIED: dict[tuple[str, int, int], str] = {}
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verify_inception_weights(path: str | Path) -> str:
     """Check a user-supplied Inception weights file before anything unpickles it; returns its SHA-256.
 
@@ -409,7 +401,7 @@ def verify_inception_weights(path: str | Path) -> str:
     memo = (str(p.resolve()), st.st_size, st.st_mtime_ns)
     if memo in _VERIFIED:
         return _VERIFIED[memo]
-    digest = _sha256_file(p)
+    digest = sha256_file(p)
     if not digest.startswith(INCEPTION_SHA256_PREFIX):
         raise MetricUnavailable(
             _missing_weights_message(
@@ -586,7 +578,7 @@ class RealSource:
         from retinagen.data.dataset import ZipImageDataset
 
         ds = ZipImageDataset(path, split=split)
-        fp = ds.fingerprint() if callable(getattr(ds, "fingerprint", None)) else _sha256_file(Path(path))
+        fp = ds.fingerprint() if callable(getattr(ds, "fingerprint", None)) else sha256_file(Path(path))
         return cls(ds, f"{fp}:{split or 'all'}", Path(path).name)
 
     @property

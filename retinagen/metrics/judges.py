@@ -49,6 +49,7 @@ from safetensors.torch import load_file, save_file
 from retinagen.config import JUDGE_SEEDS
 from retinagen.dr_scale import REFERABLE_GRADE
 from retinagen.errors import CheckpointError
+from retinagen.fileio import sha256_file
 from retinagen.metrics.fid import feature_stats, frechet_distance, images_to_uint8_nchw
 
 JUDGES_SCHEMA = "retinagen.judges/1"
@@ -82,14 +83,6 @@ class JudgeSpec:
 
 def default_judges_dir() -> Path:
     return Path(os.environ.get("RETINAGEN_JUDGES_DIR", "~/.cache/retinagen/judges")).expanduser()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def precision_recall(fake: np.ndarray, real: np.ndarray, k: int = PRC_K) -> tuple[float, float]:
@@ -264,7 +257,7 @@ def build_judges(spec: JudgeSpec, folder: Path, progress: bool = True) -> Path:
             "key": spec.key(),
             "factor_names": names,
             "validation": validation,
-            "files": {n: _sha256(tmp / n) for n in JUDGE_FILES},
+            "files": {n: sha256_file(tmp / n) for n in JUDGE_FILES},
         }
         (tmp / "judges.json").write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
         if folder.exists():
@@ -312,7 +305,7 @@ def load_judges(folder: Path) -> Judges:
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{path}: missing (the judges are incomplete; delete {folder} to rebuild)")
-        if _sha256(path) != digest:
+        if sha256_file(path) != digest:
             raise CheckpointError(f"{path}: contents do not match the sha256 in judges.json (delete {folder} to rebuild)")
     enc = load_fundus_encoder(folder / "encoder.safetensors")
     ref = load_file(str(folder / "reference.safetensors"))

@@ -15,7 +15,6 @@ complete one. Nothing here unpickles: a file that is not safetensors is refused 
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import re
 import struct
@@ -30,18 +29,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from retinagen.errors import CheckpointError
-from retinagen.fileio import atomic_path, atomic_write_json
+from retinagen.fileio import atomic_path, atomic_write_json, sha256_file  # sha256_file re-exported
 
 SCHEMA_VERSION = 1
 _CKPT_RE = re.compile(r"^ckpt-(\d{6,})\.json$")
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_safetensors_header(path: str | Path) -> None:
