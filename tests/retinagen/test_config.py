@@ -125,3 +125,9 @@ def test_amp_off_unquoted_means_off(tmp_path: Path) -> None:
     assert load_run_config("synthfundus", config=cfg).train.amp == "off"
     with pytest.raises(ConfigError, match="train.amp"):
         load_run_config("synthfundus", overrides=parse_overrides(["train.amp=on"]))  # true is not a mode
+
+
+def test_the_main_job_is_bounded_in_time_and_kimg() -> None:
+    # The README main job must end inside 10 minutes on the slowest machine of its kind: a training budget.
+    cfg = load_run_config("synthfundus", preset="cpu")
+    assert cfg.train.kimg == 24 and cfg.train.max_minutes is not None and cfg.train.max_minutes <= 7.5
