@@ -133,6 +133,9 @@ class LossConfig(_Strict):
     # G's share of the info term rises linearly from 0 to beta over this many kimg (0: beta from the start);
     # Q still learns at full beta on D's step, so it reads the codes by the time G is asked to keep them.
     beta_rampup_kimg: float = Field(0.0, ge=0.0)
+    # Share of Q's loss gradient (D's step) that reaches D's shared trunk: 1 is InfoGAN (Q and D train
+    # the trunk together), 0 trains only the Q head on it; G's step always gets the whole info gradient.
+    q_trunk_scale: float = Field(1.0, ge=0.0, le=1.0)
 
 
 class OptimConfig(_Strict):

@@ -125,8 +125,13 @@ class Discriminator(nn.Module):
         h = self.fc(x.reshape(x.shape[0], -1))
         return h, pooled
 
-    def forward(self, img: torch.Tensor, grade: torch.Tensor | None = None) -> DiscriminatorOutput:
+    def forward(
+        self, img: torch.Tensor, grade: torch.Tensor | None = None, *, q_grad_scale: float = 1.0
+    ) -> DiscriminatorOutput:
         """img: [N, 3, R, R] in [-1, 1]; grade: [N] int in [0, num_classes) or None (no projection term).
+
+        ``q_grad_scale``: the share of the Q head's gradient that flows on into the trunk (values unchanged;
+        the trainer passes `loss.q_trunk_scale` on D's step, so Q's loss need not retrain D's features).
 
         Note: the minibatch-stddev layer mixes samples, so real and fake batches should go through D separately.
         """
@@ -137,7 +142,8 @@ class Discriminator(nn.Module):
         if self.embed is not None and grade is not None:
             e = self.embed(F.one_hot(grade.long(), self.num_classes).to(h.dtype))
             logits = logits + (e * h).sum(dim=1) / math.sqrt(self.feature_dim)
-        q_params = self.q_head(h) if self.q_head is not None else h.new_zeros(h.shape[0], 0)
+        q_in = h if q_grad_scale == 1.0 else h * q_grad_scale + h.detach() * (1.0 - q_grad_scale)
+        q_params = self.q_head(q_in) if self.q_head is not None else h.new_zeros(h.shape[0], 0)
         class_logits = self.class_head(h) if self.class_head is not None else None
         return DiscriminatorOutput(logits, q_params, class_logits)
 

@@ -217,17 +217,33 @@ def latest_valid_checkpoint(folder: str | Path) -> Path | None:
     return None
 
 
-def config_mismatch(stored: Mapping[str, Any], current: Mapping[str, Any], sections: tuple[str, ...]) -> list[str]:
-    """Keys (``model.resolution``) whose values differ between two resolved configs, within ``sections``."""
+_MISSING = object()
+
+
+def config_mismatch(
+    stored: Mapping[str, Any],
+    current: Mapping[str, Any],
+    sections: tuple[str, ...],
+    defaults: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Keys (``model.resolution``) whose values differ between two resolved configs, within ``sections``.
+
+    ``defaults`` (a resolved default config): a key the stored config lacks (it predates the key) counts
+    as its default value, so a run saved before a setting existed resumes while the setting keeps the
+    behaviour it had then; set to anything else, it is a difference like any other.
+    """
     diffs: list[str] = []
 
-    def walk(a: Any, b: Any, prefix: str) -> None:
+    def walk(a: Any, b: Any, prefix: str, d: Any = _MISSING) -> None:
         if isinstance(a, Mapping) and isinstance(b, Mapping):
+            dm = d if isinstance(d, Mapping) else {}
             for key in sorted(set(a) | set(b)):
-                walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+                sub_d = dm.get(key, _MISSING)
+                av = a[key] if key in a else (sub_d if sub_d is not _MISSING else None)
+                walk(av, b.get(key), f"{prefix}.{key}" if prefix else key, sub_d)
         elif a != b and not (isinstance(a, list | tuple) and isinstance(b, list | tuple) and list(a) == list(b)):
             diffs.append(f"{prefix}: checkpoint {a!r} != config {b!r}")
 
     for section in sections:
-        walk(stored.get(section, {}), current.get(section, {}), section)
+        walk(stored.get(section, {}), current.get(section, {}), section, (defaults or {}).get(section, _MISSING))
     return diffs

@@ -430,7 +430,8 @@ class Trainer:
 
     def restore(self, meta_path: Path) -> None:
         ck = load_checkpoint(meta_path)
-        diffs = config_mismatch(ck.meta.get("config", {}), self.cfg.to_json_dict(), RESUME_SECTIONS)
+        diffs = config_mismatch(ck.meta.get("config", {}), self.cfg.to_json_dict(), RESUME_SECTIONS,
+                                defaults=RunConfig().to_json_dict())
         if diffs:
             raise CheckpointError(
                 f"{meta_path}: checkpoint does not match this config:\n  " + "\n  ".join(diffs)
@@ -508,13 +509,13 @@ class Trainer:
         with torch.no_grad(), self._autocast():
             fake = self._run_G(sample, fake_grade)
         with self._autocast():
-            out_fake = self._compiled_D(self._aug(fake.detach()), fake_grade)
+            out_fake = self._compiled_D(self._aug(fake.detach()), fake_grade, q_grad_scale=cfg.loss.q_trunk_scale)
             out_real = self._compiled_D(self._aug(real), real_grade)
         if self.augment is not None:
             self.augment.accumulate(out_real.logits)
         neg_log_q_d = ce = None
         if beta > 0:
-            q_fake = self._q_params(out_fake, fake.detach(), fake_grade)
+            q_fake = self._q_params(out_fake, fake.detach(), fake_grade, cfg.loss.q_trunk_scale)
             neg_log_q_d = losses.info_terms(self.spec, q_fake.float(), sample, cont_w).neg_log_q
         if out_real.class_logits is not None and real_grade is not None:
             ce = losses.grade_ce_loss(out_real.class_logits.float(), real_grade)
@@ -595,12 +596,14 @@ class Trainer:
             return x
         return self.augment(x, self.gen, rank=self.d.rank, world=self.d.world)
 
-    def _q_params(self, out: Any, clean: torch.Tensor, grade: torch.Tensor | None) -> torch.Tensor:
+    def _q_params(
+        self, out: Any, clean: torch.Tensor, grade: torch.Tensor | None, q_grad_scale: float = 1.0
+    ) -> torch.Tensor:
         """Q's output for the fakes: from D's pass on what it judged, or (``augment.q_input: clean`` with
         augmentation on) from one more pass of D on the clean fakes."""
         if self.augment is None or self.augment.p <= 0 or self.cfg.augment.q_input == "augmented":
             return out.q_params
-        return self._compiled_D(clean, grade).q_params
+        return self._compiled_D(clean, grade, q_grad_scale=q_grad_scale).q_params
 
     # ---------------------------------------------------------------------------- samples
     def fixed_latents(self) -> tuple[Any, torch.Tensor | None]:

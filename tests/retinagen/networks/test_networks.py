@@ -524,3 +524,23 @@ def test_config_grade_entry_reaches_the_generator() -> None:
     cfg = load_run_config("synthfundus", preset="smoke", overrides=parse_overrides(
         ["model.grade_entry=layers", "model.style=false"]))
     build_g(cfg)  # InfoGAN's generator has no synthesis layers to enter: the key is ignored
+
+
+def test_q_grad_scale_scales_only_the_trunk_share_of_qs_gradient() -> None:
+    torch.manual_seed(0)
+    d = make_d()
+    img = torch.randn(4, 3, 16, 16)
+    grads = {}
+    for s in (1.0, 0.5, 0.0):
+        d.zero_grad()
+        out = d(img, q_grad_scale=s)
+        out.q_params.square().sum().backward()
+        grads[s] = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in d.named_parameters()}
+        assert torch.equal(out.q_params, d(img).q_params)  # the values never change
+    trunk = [n for n in grads[1.0] if not n.startswith(("q_head", "out", "embed", "class_head"))]
+    head = [n for n in grads[1.0] if n.startswith("q_head")]
+    assert any(grads[1.0][n].abs().sum() > 0 for n in trunk)
+    for n in trunk:
+        assert torch.allclose(grads[0.5][n], 0.5 * grads[1.0][n], atol=1e-6) and not grads[0.0][n].any()
+    for n in head:  # the Q head learns as before
+        assert torch.allclose(grads[0.0][n], grads[1.0][n])

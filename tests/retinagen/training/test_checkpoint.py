@@ -160,6 +160,21 @@ def test_config_mismatch_names_keys() -> None:
     assert diffs == ["model.resolution: checkpoint 64 != config 128"]
 
 
+def test_a_key_the_checkpoint_predates_counts_as_its_default() -> None:
+    defaults = {"loss": {"beta": 1.0, "q_trunk_scale": 1.0, "new": {"x": 0}}}
+    stored = {"loss": {"beta": 1.0}}  # saved before q_trunk_scale and the "new" block existed
+    assert config_mismatch(stored, {"loss": {"beta": 1.0, "q_trunk_scale": 1.0, "new": {"x": 0}}}, ("loss",),
+                           defaults) == []
+    assert config_mismatch(stored, {"loss": {"beta": 1.0, "q_trunk_scale": 0.5, "new": {"x": 2}}}, ("loss",),
+                           defaults) == ["loss.new.x: checkpoint 0 != config 2",
+                                         "loss.q_trunk_scale: checkpoint 1.0 != config 0.5"]
+    # Without defaults a missing key is a difference (the old rule), and a removed key always is.
+    assert config_mismatch(stored, {"loss": {"beta": 1.0, "q_trunk_scale": 1.0}}, ("loss",)) == [
+        "loss.q_trunk_scale: checkpoint None != config 1.0"]
+    assert config_mismatch({"loss": {"beta": 1.0, "gone": 3}}, {"loss": {"beta": 1.0}}, ("loss",), defaults) == [
+        "loss.gone: checkpoint 3 != config None"]
+
+
 def test_ema_half_life_and_update() -> None:
     beta = ema_beta(batch_size=32, ema_kimg=10.0, images_seen=10**9, rampup=None)
     assert beta ** (10_000 / 32) == pytest.approx(0.5)

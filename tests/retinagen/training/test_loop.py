@@ -370,3 +370,46 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_step(synth_zip_
     assert "stopped:" in out and "resume with: retinagen train --resume" in out, out[-3000:]
     ck = latest_valid_checkpoint(run / "checkpoints")
     assert ck is not None and load_checkpoint(ck).meta["step"] > 0
+
+
+def test_a_run_saved_before_newer_settings_existed_resumes(synth_zip_16: Path, tmp_path: Path) -> None:
+    """Settings added since a run was saved (absent from its checkpoint and config.json) take their
+    defaults, which keep the old behaviour, so the run resumes instead of being refused as another config."""
+    cfg = _cfg(synth_zip_16, "train.kimg=0.016")
+    run = tmp_path / "run"
+    train(cfg, run, progress=False)
+    newer = {"loss": ("q_trunk_scale", "beta_rampup_kimg"), "model": ("grade_entry",)}
+    ck_json = latest_valid_checkpoint(run / "checkpoints")
+    for path, key in ((ck_json, "config"), (run / "config.json", None)):
+        doc = json.loads(path.read_text())
+        conf = doc[key] if key else doc
+        for section, names in newer.items():
+            for name in names:
+                del conf[section][name]
+        path.write_text(json.dumps(doc))
+    again = train(load_run_config_from_dir(run).model_copy(update={"train": cfg.train.model_copy(update={"kimg": 0.032})}),
+                  run, resume=True, progress=False)
+    assert again.images_seen == 32 and again.steps == 8
+    # A setting changed since the save is still refused.
+    changed = load_run_config_from_dir(run).model_copy(
+        update={"loss": cfg.loss.model_copy(update={"q_trunk_scale": 0.5}), "train": cfg.train.model_copy(update={"kimg": 0.048})})
+    with pytest.raises(CheckpointError, match="q_trunk_scale"):
+        train(changed, run, resume=True, progress=False)
+
+
+def test_q_trunk_scale_applies_on_ds_step_only(synth_zip_16: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = Trainer(_cfg(synth_zip_16, "loss.q_trunk_scale=0.25"), tmp_path / "run", log=False)
+    trainer.grade_probs = torch.full((5,), 0.2)
+    seen: list[float] = []
+    forward = type(trainer.D).forward
+
+    def spy(self: Any, img: torch.Tensor, grade: Any = None, *, q_grad_scale: float = 1.0) -> Any:
+        seen.append(q_grad_scale)
+        return forward(self, img, grade, q_grad_scale=q_grad_scale)
+
+    monkeypatch.setattr(type(trainer.D), "forward", spy)
+    res = trainer.cfg.model.resolution
+    trainer.train_step(torch.zeros(4, 3, res, res), torch.tensor([0, 1, 2, 3]))
+    # D's step: fakes with the scale, reals without; lazy R1 (step 0) without; G's step without.
+    assert seen == [0.25, 1.0, 1.0, 1.0], seen
