@@ -239,7 +239,7 @@ def config_mismatch(
             dm = d if isinstance(d, Mapping) else {}
             for key in sorted(set(a) | set(b)):
                 sub_d = dm.get(key, _MISSING)
-                av = a[key] if key in a else (sub_d if sub_d is not _MISSING else None)
+                av = a.get(key, sub_d if sub_d is not _MISSING else None)
                 walk(av, b.get(key), f"{prefix}.{key}" if prefix else key, sub_d)
         elif a != b and not (isinstance(a, list | tuple) and isinstance(b, list | tuple) and list(a) == list(b)):
             diffs.append(f"{prefix}: checkpoint {a!r} != config {b!r}")
