@@ -1,0 +1,79 @@
+"""The training-time judge scores of runs, one Markdown table per run (what docs/ablations.md shows per snapshot).
+
+    python benchmarks/snapshot_table.py runs/abl/base runs/abl/beta01
+
+Reads RUN/metrics.jsonl: every snapshot's ``quality/*`` row (fd_fundus, precision, recall, grade fidelity,
+referable agreement, L_info of the discrete codes against H(C), scored on ``train.quality_n`` images) and,
+for ADA runs, the augmentation strength p at that snapshot. Nothing is recomputed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+
+def rows(run: Path) -> tuple[list[dict], dict[float, float]]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"error: {path}: not found (is {run} a run folder?)")
+    scored, ada = [], {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            print(f"warning: {path}:{n}: not JSON, skipped", file=sys.stderr)
+            continue
+        if "quality/fd_fundus" in rec:
+            scored.append(rec)
+        if "augment/p" in rec:
+            ada[float(rec["kimg"])] = float(rec["augment/p"])
+    return scored, ada
+
+
+def _f(rec: dict, key: str, fmt: str) -> str:
+    v = rec.get(key)
+    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
+
+
+def table(run: Path, label: str | None = None) -> str:
+    scored, ada = rows(run)
+    if not scored:
+        return f"**{label or run.name}**: no scored snapshot in {run / 'metrics.jsonl'}\n"
+    minutes = scored[-1].get("quality/train_seconds", float("nan")) / 60.0
+    head = "| kimg | fd_fundus | precision | recall | fidelity g0-g4 | referable agr. | L_info / H(C) |"
+    sep = "|---|---|---|---|---|---|---|"
+    if ada:
+        head, sep = head + " ADA p |", sep + "---|"
+    out = [f"**{label or run.name}** ({minutes:.0f} min of training)", "", head, sep]
+    for rec in scored:
+        grades = sorted(int(k.rsplit("/", 1)[1]) for k in rec if k.startswith("quality/fidelity/"))
+        fid = " / ".join(_f(rec, f"quality/fidelity/{g}", ".2f") for g in grades) or "–"
+        line = (f"| {rec['kimg']:.0f} | {_f(rec, 'quality/fd_fundus', '.1f')} | {_f(rec, 'quality/precision', '.3f')} | "
+                f"{_f(rec, 'quality/recall', '.3f')} | {fid} | {_f(rec, 'quality/referable_agreement', '.2f')} | "
+                f"{_f(rec, 'quality/L_info_discrete', '.2f')} / {_f(rec, 'quality/H_discrete', '.2f')} |")
+        if ada:
+            before = [k for k in ada if k <= rec["kimg"] + 1e-9]
+            line += f" {ada[max(before)]:.2f} |" if before else " – |"
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", type=Path, help="run folders")
+    ap.add_argument("--label", action="append", default=None, help="table title per run (default: folder name)")
+    args = ap.parse_args(argv)
+    labels = args.label or []
+    if len(labels) > len(args.runs):
+        ap.error("more --label than runs")
+    for i, run in enumerate(args.runs):
+        print(table(run, labels[i] if i < len(labels) else None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

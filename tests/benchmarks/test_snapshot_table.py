@@ -1,0 +1,40 @@
+"""benchmarks/snapshot_table.py: the per-snapshot tables of docs/ablations.md, from metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import snapshot_table  # noqa: E402
+
+
+def _run(tmp_path: Path, records: list[dict], junk: str = "") -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [json.dumps(r) for r in records]
+    (run / "metrics.jsonl").write_text("\n".join(lines[:1] + ([junk] if junk else []) + lines[1:]) + "\n")
+    return run
+
+
+def test_one_row_per_scored_snapshot_with_adas_p(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    scored = {"quality/fd_fundus": 30.25, "quality/precision": 0.5, "quality/recall": 0.25,
+              "quality/referable_agreement": 0.5, "quality/L_info_discrete": 1.8, "quality/H_discrete": 5.95,
+              "quality/train_seconds": 600.0, **{f"quality/fidelity/{g}": g / 10 for g in range(5)}}
+    run = _run(tmp_path, [{"kimg": 1.0, "augment/p": 0.1}, {"kimg": 2.0, "augment/p": 0.2},
+                          {"kimg": 2.0, **scored}, {"kimg": 3.0, "augment/p": 0.3},
+                          {"kimg": 4.0, **scored, "quality/recall": float("nan")}], junk="{not json")
+    text = snapshot_table.table(run, "demo")
+    assert text.splitlines()[0] == "**demo** (10 min of training)"
+    body = [ln for ln in text.splitlines() if ln.startswith("| 2 ") or ln.startswith("| 4 ")]
+    assert body == ["| 2 | 30.2 | 0.500 | 0.250 | 0.00 / 0.10 / 0.20 / 0.30 / 0.40 | 0.50 | 1.80 / 5.95 | 0.20 |",
+                    "| 4 | 30.2 | 0.500 | – | 0.00 / 0.10 / 0.20 / 0.30 / 0.40 | 0.50 | 1.80 / 5.95 | 0.30 |"]
+    assert "not JSON" in capsys.readouterr().err
+
+
+def test_a_folder_without_metrics_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="metrics.jsonl"):
+        snapshot_table.main([str(tmp_path)])
