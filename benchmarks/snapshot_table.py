@@ -52,7 +52,9 @@ def table(run: Path, label: str | None = None) -> str:
     for rec in scored:
         grades = sorted(int(k.rsplit("/", 1)[1]) for k in rec if k.startswith("quality/fidelity/"))
         fid = " / ".join(_f(rec, f"quality/fidelity/{g}", ".2f") for g in grades) or "–"
-        line = (f"| {rec['kimg']:.0f} | {_f(rec, 'quality/fd_fundus', '.1f')} | {_f(rec, 'quality/precision', '.3f')} | "
+        kimg = float(rec["kimg"])
+        shown = f"{kimg:.0f}" if kimg.is_integer() else f"{kimg:.2f}"  # a budget's last snapshot: 12.18
+        line = (f"| {shown} | {_f(rec, 'quality/fd_fundus', '.1f')} | {_f(rec, 'quality/precision', '.3f')} | "
                 f"{_f(rec, 'quality/recall', '.3f')} | {fid} | {_f(rec, 'quality/referable_agreement', '.2f')} | "
                 f"{_f(rec, 'quality/L_info_discrete', '.2f')} / {_f(rec, 'quality/H_discrete', '.2f')} |")
         if ada:
