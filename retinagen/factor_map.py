@@ -7,14 +7,13 @@ without importing the discovery that samples.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from retinagen.errors import BadInputError
-from retinagen.fileio import atomic_write_json
+from retinagen.fileio import atomic_write_json, read_json
 from retinagen.metrics.attributes import SYNONYMS
 
 __all__ = ["FACTOR_MAP_SCHEMA", "attribute_codes", "factor_aliases", "load_factor_map", "save_factor_map"]
@@ -38,12 +37,7 @@ def save_factor_map(result: MapLike, path: str | Path) -> Path:
 def load_factor_map(path: str | Path) -> dict[str, Any]:
     """Read and validate a factor map written by `save_factor_map`; `BadInputError` naming the problem."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise BadInputError(path, f"cannot read the factor map ({exc.strerror or exc})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInputError(path, f"not a JSON factor map ({exc})") from None
+    data = read_json(path, "factor map")
     _validate(data, path)
     return data
 

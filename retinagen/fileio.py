@@ -18,6 +18,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from retinagen.errors import BadInputError
+
 
 def _default_mode() -> int:
     # mkstemp creates files 0600; give the result the mode a plain open() would (0666 minus umask).
@@ -127,3 +129,15 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """Parse a JSON file; `BadInputError` naming the file and ``what`` it should be ("cannot read the
+    factor map (...)", "not a JSON factor map (...)") when it cannot be read or parsed."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise BadInputError(path, f"cannot read the {what} ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInputError(path, f"not a JSON {what} ({exc})") from None

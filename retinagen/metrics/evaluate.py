@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from retinagen.errors import BadInputError, RetinagenError
-from retinagen.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from retinagen.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from retinagen.metrics.fid import MetricUnavailable, RealSource, StatsCache, create_extractor, fid_repeated
 from retinagen.metrics.mig import DEFAULT_UNIFORM_BINS
 from retinagen.progress import progress_bar
@@ -1021,12 +1021,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 def load_report(path: str | Path) -> dict[str, Any]:
     """Read a REPORT.json written by `evaluate_checkpoint` (schema checked)."""
     p = Path(path)
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise BadInputError(p, f"cannot read the report ({exc.strerror or exc})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInputError(p, f"not a JSON report ({exc})") from None
+    data = read_json(p, "report")
     if not isinstance(data, dict) or data.get("schema") != REPORT_SCHEMA:
         raise BadInputError(p, f"not a retinagen evaluation report (schema must be {REPORT_SCHEMA!r})")
     missing = _missing_report_keys(data)

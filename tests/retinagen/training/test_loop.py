@@ -240,25 +240,38 @@ def test_ddp_without_the_gradient_all_reduce_does_not_match_one_process(
     assert _max_diff(ddp, one)[0] > 1e-3, _max_diff(ddp, one)
 
 
+def _start_training(cmd: list[str], env: dict[str, str], run: Path, timeout_s: float) -> subprocess.Popen[str]:
+    """Start a training process in its own session and return once it has logged its first step."""
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not (run / "metrics.jsonl").is_file() or (run / "metrics.jsonl").stat().st_size == 0:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
+            time.sleep(0.2)
+    except BaseException:
+        import signal
+
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return proc
+
+
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
 def test_stop_signal_to_the_whole_process_group_saves_a_snapshot(signame: str, synth_zip_16: Path, tmp_path: Path) -> None:
     """Ctrl-C signals every process of the terminal's group, and schedulers (SLURM) or `pkill -f` send
     SIGTERM to every process of a job, DataLoader workers included: the run must still stop cleanly with
     a snapshot (with SIGTERM it used to die with 'DataLoader worker ... killed by signal: Terminated')."""
     import signal
-    import time
 
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "retinagen.cli", "train", "--dataset", "synthfundus", "--preset", "smoke",
            "--data", str(synth_zip_16), "--kimg", "100", "--out", str(run), "--set", "train.workers=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+    proc = _start_training(cmd, env, run, timeout_s=120)
     try:
-        deadline = time.monotonic() + 120
-        while not (run / "metrics.jsonl").is_file() or (run / "metrics.jsonl").stat().st_size == 0:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
-            time.sleep(0.2)
         os.killpg(proc.pid, getattr(signal, signame))
         out, _ = proc.communicate(timeout=120)
     finally:
@@ -346,20 +359,14 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_step(synth_zip_
     the loop at the same step and rank 0 must save; a process leaving alone left the other one waiting in
     the next gradient all_reduce."""
     import signal
-    import time
 
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
            "retinagen.cli", "train", "--preset", "smoke", "--data", str(synth_zip_16), "--out", str(run),
            "--kimg", "100", "--set", *_DDP_SET, "--set", "train.workers=0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+    proc = _start_training(cmd, env, run, timeout_s=180)
     try:
-        deadline = time.monotonic() + 180
-        while not (run / "metrics.jsonl").is_file() or (run / "metrics.jsonl").stat().st_size == 0:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
-            time.sleep(0.2)
         workers = sorted(int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split())
         assert len(workers) == 2, workers
         os.kill(workers[-1], signal.SIGTERM)  # one worker only, not the group
