@@ -8,6 +8,7 @@ interval) and the achieved FLOP/s as a fraction of this machine's measured dense
     python benchmarks/train_throughput.py --device cuda --widths paper --resolutions 256 --batch 32
     python benchmarks/train_throughput.py --compile-ab --widths cpu --resolutions 32,64 --steps 10
     python benchmarks/train_throughput.py --baseline origin/main --widths cpu --resolutions 32,64 --repeats 3
+    python benchmarks/train_throughput.py --profile --widths cpu --resolutions 64    # per-op table, 16 steps
 
 On CUDA it also prints seconds per kimg (the StyleGAN2-ADA paper quotes 21.6-24.2 s/kimg at 256 px,
 batch 32, on one V100).
@@ -215,6 +216,35 @@ def bench_compile_ab(resolution: int, widths: str, batch: int, steps: int, devic
     }
 
 
+def profile_steps(resolution: int, widths: str, batch: int, steps: int, device: str, amp: str, top: int) -> str:
+    """torch.profiler's per-op table over ``steps`` steps (after 2 warm-up steps), sorted by self time.
+
+    The profiled steps start at a lazy-R1 step, so with ``steps`` = r1_interval (the default) the table holds
+    R1's double backward at its amortised share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tr = _trainer(resolution, widths, batch, device, amp, False)
+    dev = tr.device
+    g = torch.Generator().manual_seed(0)
+    real = (torch.rand(batch, 3, resolution, resolution, generator=g) * 2 - 1).to(dev)
+    grade = torch.randint(0, tr.cfg.model.num_classes, (batch,), generator=g).to(dev)
+    k = tr.cfg.loss.r1_interval
+    while tr.step < 2 or tr.step % k:  # warm up, then start on an R1 step
+        tr.train_step(real, grade)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    _sync(dev)
+    t = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            tr.train_step(real, grade)
+        _sync(dev)
+    elapsed = time.perf_counter() - t
+    sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=top, max_name_column_width=48)
+    return (f"{resolution} px, {widths} widths, batch {batch}: {steps} steps in {elapsed:.2f} s under the profiler "
+            f"({batch * steps / elapsed:.1f} img/s with its overhead)\n{table}")
+
+
 # ------------------------------------------------------------------------------- --baseline REV
 def time_steps(resolution: int, widths: str, batch: int, steps: int, device: str, amp: str,
                weights_out: str | None = None) -> dict:
@@ -229,14 +259,18 @@ def time_steps(resolution: int, widths: str, batch: int, steps: int, device: str
     g = torch.Generator().manual_seed(0)
     real = (torch.rand(batch, 3, resolution, resolution, generator=g) * 2 - 1).to(dev)
     grade = torch.randint(0, tr.cfg.model.num_classes, (batch,), generator=g).to(dev)
+    def weights(prefix: str) -> dict[str, torch.Tensor]:
+        state = {f"{prefix}G.{k}": v for k, v in tr.G.state_dict().items()}
+        state.update({f"{prefix}D.{k}": v for k, v in tr.D.state_dict().items()})
+        return {k: v.detach().float().cpu().clone().contiguous() for k, v in state.items()}
+
+    before = weights("init.") if weights_out else {}
     for _ in range(2):
         tr.train_step(real, grade)
     if weights_out:
         from safetensors.torch import save_file
 
-        state = {f"G.{k}": v for k, v in tr.G.state_dict().items()}
-        state.update({f"D.{k}": v for k, v in tr.D.state_dict().items()})
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, weights_out)
+        save_file({**before, **weights("")}, weights_out)
     _sync(dev)
     t = time.perf_counter()
     for _ in range(steps):
@@ -269,6 +303,21 @@ def _worker(tree: Path, args: dict) -> dict:
     return out
 
 
+def compare_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> str:
+    """``max |W_a - W_b|`` and ``|dW_a - dW_b| / |dW_b|`` of the two trees' weights after 2 fixed-seed steps
+    (dW: the change from the shared initial weights, stored under ``init.``). Adam's first steps move each
+    weight by about lr * sign(gradient), so a weight whose gradient is ~0 may move either way under a
+    different float summation order: the max can reach 2 * lr while the relative difference of the updates
+    stays small; a change of what is computed shows in both."""
+    if a.keys() != b.keys():
+        return f"keys differ ({len(a.keys() ^ b.keys())})"
+    names = [k for k in a if not k.startswith("init.")]
+    max_abs = max(float((a[k] - b[k]).abs().max()) for k in names)
+    num = sum(float((a[k] - b[k]).square().sum()) for k in names)
+    den = sum(float((b[k] - b["init." + k]).square().sum()) for k in names if "init." + k in b)
+    return f"{max_abs:.1e}, rel {((num / den) ** 0.5 if den > 0 else float('nan')):.1e}"
+
+
 def bench_baseline(rev: str, resolutions: list[int], widths: list[str], batch: int, steps: int | None,
                    repeats: int, device: str, amp: str) -> None:
     """The working tree against git revision ``rev`` (checked out as a temporary worktree): for each
@@ -288,7 +337,7 @@ def bench_baseline(rev: str, resolutions: list[int], widths: list[str], batch: i
                                  capture_output=True, text=True).stdout.strip()
             print(f"baseline: {rev} ({sha}) in a worktree; current: the working tree {here}")
             print(f"{'res':>4} {'widths':>6} {'batch':>5} {'baseline img/s':>14} {'current img/s':>13} "
-                  f"{'ratio (min-max)':>18} {'peak RSS MiB b/c':>17} {'max |dW| after 2 steps':>23}")
+                  f"{'ratio (min-max)':>18} {'peak RSS MiB b/c':>17} {'weights: max |diff|, rel':>26}")
             for w in widths:
                 for res in resolutions:
                     k = steps or 16  # default: one lazy-R1 interval of the presets (R1 every 16 steps)
@@ -304,19 +353,17 @@ def bench_baseline(rev: str, resolutions: list[int], widths: list[str], batch: i
                     wb, wc = Path(tmp) / "base.safetensors", Path(tmp) / "cur.safetensors"
                     _worker(base, {**args, "steps": 0, "weights_out": str(wb)})
                     _worker(here, {**args, "steps": 0, "weights_out": str(wc)})
-                    a, b = load_file(str(wb)), load_file(str(wc))
-                    if a.keys() != b.keys():
-                        diff = f"keys differ ({len(a.keys() ^ b.keys())})"
-                    else:
-                        diff = f"{max(float((a[n] - b[n]).abs().max()) for n in a):.2e}"
+                    diff = compare_weights(load_file(str(wb)), load_file(str(wc)))
                     med_b = statistics.median(r["images_per_s"] for r in runs["base"])
                     med_c = statistics.median(r["images_per_s"] for r in runs["cur"])
                     rss = f"{max(r['peak_rss_mib'] for r in runs['base']):.0f}/{max(r['peak_rss_mib'] for r in runs['cur']):.0f}"
                     spread = f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})"
                     print(f"{res:>4} {w:>6} {batch:>5} {med_b:>14.1f} {med_c:>13.1f} {spread:>18} {rss:>17} "
-                          f"{diff:>23}", flush=True)
+                          f"{diff:>26}", flush=True)
             print(f"({repeats} repeats, one process per tree per repeat, alternating order; {k} timed steps after "
-                  "2 warm-up steps; ratio = current / baseline per repeat)")
+                  "2 warm-up steps; ratio = current / baseline per repeat; weights: max |W_cur - W_base| after 2 "
+                  "fixed-seed steps and the relative difference of the 2 steps' updates, "
+                  "|dW_cur - dW_base| / |dW_base| over all weights)")
         finally:
             subprocess.run(["git", "-C", str(here), "worktree", "remove", "--force", str(base)], check=False,
                            capture_output=True)
@@ -338,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", metavar="REV", default=None,
                     help="time the working tree against git revision REV (a temporary worktree), interleaved")
     ap.add_argument("--repeats", type=int, default=3, help="--baseline: processes per tree (default 3)")
+    ap.add_argument("--profile", action="store_true",
+                    help="print torch.profiler's per-op table (self time) over --steps steps (default 16)")
+    ap.add_argument("--top", type=int, default=25, help="--profile: rows of the table (default 25)")
     args = ap.parse_args(argv)
     if args.baseline:  # checked before the minute-long peak measurement
         import subprocess
@@ -360,6 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {name}; measured dense matmul peak ({peak_dtype}, {peak_path}): {peak / 1e12:.3f} TFLOP/s")
     if args.baseline:
         bench_baseline(args.baseline, resolutions, widths, batch, args.steps, args.repeats, args.device, args.amp)
+        return 0
+    if args.profile:
+        for w in widths:
+            for res in resolutions:
+                print(profile_steps(res, w, batch, args.steps or 16, args.device, args.amp, args.top), flush=True)
         return 0
     if args.compile_ab:
         print(f"{'res':>4} {'widths':>6} {'batch':>5} {'eager img/s':>11} {'compiled img/s':>14} "

@@ -160,6 +160,10 @@ class TrainConfig(_Strict):
     log_every_steps: int = Field(10, ge=1)
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on CUDA, off on CPU
     compile: bool = False
+    # One G forward per step: the D phase's fakes (drawn with G's graph kept) are also the G phase's,
+    # instead of a second draw. G is unchanged between the phases, so each loss is the same function; the
+    # two phases see the same latents instead of independent ones, and one G forward is saved.
+    reuse_fakes: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     workers: int = Field(2, ge=0, le=64)
     seed: int = Field(0, ge=0)

@@ -60,6 +60,10 @@ class AugmentPipe:
         self.interval = int(interval)
         self._sign_sum = 0.0
         self._sign_count = 0.0
+        # Per-step sums of sign(D(real)) not yet added to _sign_sum: kept on the device so that a step
+        # does not wait for the GPU; read once per `interval` steps (they are integers: the order of
+        # the additions does not change the result).
+        self._pending: list[torch.Tensor] = []
         self.last_rt = float("nan")
 
     # ------------------------------------------------------------------------------ applying
@@ -149,13 +153,19 @@ class AugmentPipe:
     def accumulate(self, real_logits: torch.Tensor) -> None:
         """Add D's logits on (augmented) reals to r_t's running sum (``ada`` mode)."""
         if self.mode == "ada":
-            self._sign_sum += float(torch.sign(real_logits.detach().float()).sum())
+            self._pending.append(torch.sign(real_logits.detach().float()).sum())
             self._sign_count += float(real_logits.numel())
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._sign_sum += float(torch.stack(self._pending).double().sum())
+            self._pending = []
 
     def adjust(self, step: int, batch: int, world: int = 1) -> None:
         """Every ``interval`` steps: r_t over them (summed over processes), p moved towards the target."""
         if self.mode != "ada" or step % self.interval:
             return
+        self._flush()
         stats = torch.tensor([self._sign_sum, self._sign_count], dtype=torch.float64)
         if world > 1:
             import torch.distributed as dist
@@ -170,6 +180,7 @@ class AugmentPipe:
 
     # ------------------------------------------------------------------------------ checkpointing
     def state_tensors(self) -> dict[str, torch.Tensor]:
+        self._flush()
         return {"augment.state": torch.tensor([self.p, self._sign_sum, self._sign_count, self.last_rt],
                                               dtype=torch.float64)}
 
@@ -178,3 +189,4 @@ class AugmentPipe:
         if state is None:
             return  # a checkpoint written without augmentation: start from the configured p
         self.p, self._sign_sum, self._sign_count, self.last_rt = (float(v) for v in state.tolist())
+        self._pending = []

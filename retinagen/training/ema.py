@@ -23,7 +23,12 @@ def ema_beta(batch_size: int, ema_kimg: float, images_seen: int, rampup: float |
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, beta: float) -> None:
     """``ema <- beta * ema + (1 - beta) * model`` for parameters; buffers are copied."""
-    for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
-        p_ema.lerp_(p.detach(), 1.0 - beta)
+    targets, sources = list(ema.parameters()), [p.detach() for p in model.parameters()]
+    if len(targets) != len(sources):
+        raise ValueError(f"update_ema: {len(targets)} EMA parameters for {len(sources)} model parameters")
+    if targets:
+        # One multi-tensor kernel per dtype/device group instead of a launch per parameter (on CUDA the
+        # per-parameter loop is launch-bound); the same lerp per element.
+        torch._foreach_lerp_(targets, sources, 1.0 - beta)
     for b_ema, b in zip(ema.buffers(), model.buffers(), strict=True):
         b_ema.copy_(b)

@@ -493,20 +493,24 @@ class Trainer:
         return BatchNoise(self.noise_gen, start=n * self.d.rank, batch=n * self.d.world)
 
     # ---------------------------------------------------------------------------- one step
-    def train_step(self, real: torch.Tensor, real_grade: torch.Tensor | None) -> dict[str, float]:
+    def train_step(self, real: torch.Tensor, real_grade: torch.Tensor | None) -> dict[str, torch.Tensor | float]:
+        """One step: D (with Q) phase, lazy R1, G phase, EMA. The statistics it returns are 0-d tensors
+        still on the device (reading them waits for the device: `read_stats` does, on logging steps only)."""
         cfg = self.cfg
         beta = cfg.loss.beta
         # Weight of the uniform codes' log Q in the info loss (InfoGAN's smaller lambda for continuous
         # codes; see losses.info_terms).
         cont_w = cfg.loss.info_continuous_weight
         n = real.shape[0]
-        stats: dict[str, float] = {}
+        stats: dict[str, torch.Tensor | float] = {}
 
         # --- D phase: max V (logistic), Q (sharing D's trunk) learns to recover the codes of fakes.
-        self.G.requires_grad_(False)
+        # With train.reuse_fakes G's graph is kept here and these fakes are the G phase's too.
+        reuse = cfg.train.reuse_fakes
+        self.G.requires_grad_(reuse)
         self.D.requires_grad_(True)
         sample, fake_grade = self._sample_fakes(n)
-        with torch.no_grad(), self._autocast():
+        with torch.set_grad_enabled(reuse), self._autocast():
             fake = self._run_G(sample, fake_grade)
         with self._autocast():
             out_fake = self._compiled_D(self._aug(fake.detach()), fake_grade, q_grad_scale=cfg.loss.q_trunk_scale)
@@ -519,18 +523,18 @@ class Trainer:
             neg_log_q_d = losses.info_terms(self.spec, q_fake.float(), sample, cont_w).neg_log_q
         if out_real.class_logits is not None and real_grade is not None:
             ce = losses.grade_ce_loss(out_real.class_logits.float(), real_grade)
-            stats["loss/grade_ce"] = ce.item()
+            stats["loss/grade_ce"] = ce.detach()
         loss_d = losses.total_discriminator_loss(
             out_real.logits.float(), out_fake.logits.float(), neg_log_q=neg_log_q_d, beta=beta,
             grade_ce=ce, grade_weight=cfg.loss.grade_weight,
         )  # fmt: skip
-        stats["loss/D"] = losses.d_logistic_loss(out_real.logits.float(), out_fake.logits.float()).item()
+        stats["loss/D"] = losses.d_logistic_loss(out_real.logits.float(), out_fake.logits.float()).detach()
         self.opt_D.zero_grad(set_to_none=True)
         loss_d.backward()
         _allreduce_grads(self.D, self.d.world)
         self.opt_D.step()
-        stats["D/real_score"] = out_real.logits.float().mean().item()
-        stats["D/fake_score"] = out_fake.logits.float().mean().item()
+        stats["D/real_score"] = out_real.logits.float().mean().detach()
+        stats["D/fake_score"] = out_fake.logits.float().mean().detach()
 
         # --- Lazy R1 on reals (fp32: second-order gradients in bf16 are too coarse).
         if cfg.loss.r1_gamma > 0 and self.step % cfg.loss.r1_interval == 0:
@@ -543,14 +547,16 @@ class Trainer:
             (loss_r1 + 0.0 * out_r1.q_params.sum()).backward()
             _allreduce_grads(self.D, self.d.world)
             self.opt_D.step()
-            stats["loss/R1"] = penalty.mean().item()
+            stats["loss/R1"] = penalty.mean().detach()
 
         # --- G phase: min -log D(G(z)) + beta * (-log Q(c | G(z', c))).
         self.G.requires_grad_(True)
         self.D.requires_grad_(False)
-        sample, fake_grade = self._sample_fakes(n)
+        if not reuse:
+            sample, fake_grade = self._sample_fakes(n)
+            with self._autocast():
+                fake = self._run_G(sample, fake_grade)
         with self._autocast():
-            fake = self._run_G(sample, fake_grade)
             out = self._compiled_D(self._aug(fake), fake_grade)
             q_g = self._q_params(out, fake, fake_grade)
         info = losses.info_terms(self.spec, q_g.float(), sample, cont_w)
@@ -561,15 +567,15 @@ class Trainer:
             out.logits.float(), neg_log_q=info.neg_log_q if beta > 0 else None, beta=self.g_info_weight(),
             grade_ce=fake_ce, grade_weight=cfg.loss.grade_weight,
         )  # fmt: skip
-        stats["loss/G"] = losses.g_nonsaturating_loss(out.logits.float()).item()
+        stats["loss/G"] = losses.g_nonsaturating_loss(out.logits.float()).detach()
         self.opt_G.zero_grad(set_to_none=True)
         loss_g.backward()
         _allreduce_grads(self.G, self.d.world)
         self.opt_G.step()
         self.D.requires_grad_(True)
 
-        stats["info/L_info"] = info.l_info.item()
-        stats["info/L_info_discrete"] = info.l_info_discrete.item()
+        stats["info/L_info"] = info.l_info.detach()
+        stats["info/L_info_discrete"] = info.l_info_discrete.detach()
         stats["info/H_discrete"] = float(info.discrete_bound)
 
         # --- EMA of G.
@@ -583,6 +589,15 @@ class Trainer:
             if math.isfinite(self.augment.last_rt):
                 stats["augment/rt"] = self.augment.last_rt
         return stats
+
+    @staticmethod
+    def read_stats(stats: dict[str, torch.Tensor | float]) -> dict[str, float]:
+        """`train_step`'s statistics as floats (one wait for the device for all of them)."""
+        keys = [k for k, v in stats.items() if isinstance(v, torch.Tensor)]
+        values = torch.stack([stats[k].float() for k in keys]).tolist() if keys else []  # type: ignore[union-attr]
+        out = {k: float(v) for k, v in stats.items() if not isinstance(v, torch.Tensor)}
+        out.update(zip(keys, values, strict=True))
+        return {k: out[k] for k in stats}
 
     def g_info_weight(self) -> float:
         """beta on G's step: ramped over ``loss.beta_rampup_kimg`` from the images shown so far."""
@@ -816,6 +831,7 @@ def train(
                 now = time.perf_counter()
                 rate = (trainer.images_seen - window_imgs) / max(now - window_t, 1e-9)
                 window_t, window_imgs = now, trainer.images_seen
+                stats = trainer.read_stats(stats)
                 record = {"step": trainer.step, "kimg": trainer.images_seen / 1000.0, "images_per_s": rate, **stats}
                 with open(metrics_path, "a", encoding="utf-8") as fh:
                     fh.write(json.dumps(record) + "\n")

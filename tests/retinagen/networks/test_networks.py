@@ -386,6 +386,32 @@ def test_modulated_conv_fused_and_unfused_agree() -> None:
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_modulated_conv_forms_have_the_same_gradients() -> None:
+    """Training takes the unfused form, generation may take the grouped one: both must be one function."""
+    from retinagen.networks.layers import modulated_conv2d
+
+    grads = []
+    for fused in (True, False):
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(3, 6, 8, 8, generator=g).requires_grad_(True)
+        w = torch.randn(4, 6, 3, 3, generator=g).requires_grad_(True)
+        s = (torch.rand(3, 6, generator=g) + 0.5).requires_grad_(True)
+        (modulated_conv2d(x, w, s, fused=fused) * torch.arange(4.0).reshape(1, 4, 1, 1)).sum().backward()
+        grads.append((x.grad, w.grad, s.grad))
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_the_default_modulated_conv_form_depends_on_grad_mode_and_size_only() -> None:
+    from retinagen.networks.layers import fused_modconv_default
+
+    big, small = torch.zeros(1, 1, 64, 64), torch.zeros(1, 1, 32, 32)
+    assert not fused_modconv_default(big) and not fused_modconv_default(small)  # training: unfused
+    with torch.no_grad():
+        assert fused_modconv_default(big) and not fused_modconv_default(small)
+    assert not fused_modconv_default(torch.zeros(1, 1, 64, 64, device="meta"))  # not a CPU tensor
+
+
 # ------------------------------------------------------------------------ how the codes enter G
 PAPER_LIKE = LatentSpec(z_dim=128, categorical=(3,), n_bernoulli=7, n_uniform=10)  # the cpu preset's latent
 

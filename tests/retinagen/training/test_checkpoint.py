@@ -182,3 +182,19 @@ def test_ema_half_life_and_update() -> None:
     a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     update_ema(a, b, 0.0)
     assert torch.equal(a.weight, b.weight)
+
+
+def test_ema_update_is_the_per_parameter_lerp_exactly() -> None:
+    """The multi-tensor update is a speed-up only: bit-identical to lerp_ on each parameter."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(5, 2))
+    ema = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(5, 2))
+    model[1].running_mean.add_(1.5)
+    pairs = zip(ema.parameters(), model.parameters(), strict=True)
+    expected = [pe.detach().clone().lerp_(p.detach(), 1.0 - 0.93) for pe, p in pairs]
+    update_ema(ema, model, 0.93)
+    for got, want in zip(ema.parameters(), expected, strict=True):
+        assert torch.equal(got, want)
+    assert torch.equal(ema[1].running_mean, model[1].running_mean)  # buffers copied
+    with pytest.raises(ValueError, match="EMA parameters"):
+        update_ema(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)), 0.5)
