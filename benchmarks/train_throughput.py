@@ -9,6 +9,7 @@ interval) and the achieved FLOP/s as a fraction of this machine's measured dense
     python benchmarks/train_throughput.py --compile-ab --widths cpu --resolutions 32,64 --steps 10
     python benchmarks/train_throughput.py --baseline origin/main --widths cpu --resolutions 32,64 --repeats 3
     python benchmarks/train_throughput.py --profile --widths cpu --resolutions 64    # per-op table, 16 steps
+    python benchmarks/train_throughput.py --set-ab train.reuse_fakes=true --widths cpu --resolutions 32,64 --steps 16
 
 On CUDA it also prints seconds per kimg (the StyleGAN2-ADA paper quotes 21.6-24.2 s/kimg at 256 px,
 batch 32, on one V100).
@@ -164,9 +165,10 @@ def bench(resolution: int, widths: str, batch: int, steps: int, device: str, amp
     }
 
 
-def _trainer(resolution: int, widths: str, batch: int, device: str, amp: str, compile_: bool) -> Trainer:
+def _trainer(resolution: int, widths: str, batch: int, device: str, amp: str, compile_: bool,
+             extra: tuple[str, ...] = ()) -> Trainer:
     overrides = [f"model.resolution={resolution}", f"train.batch_size={batch}", f"train.device={device}",
-                 f"train.amp={amp}", f"train.compile={str(compile_).lower()}", *WIDTHS[widths]]
+                 f"train.amp={amp}", f"train.compile={str(compile_).lower()}", *WIDTHS[widths], *extra]
     cfg = load_run_config("synthfundus", overrides=parse_overrides(overrides))
     with tempfile.TemporaryDirectory() as tmp:
         tr = Trainer(cfg, Path(tmp), progress=False)
@@ -174,14 +176,19 @@ def _trainer(resolution: int, widths: str, batch: int, device: str, amp: str, co
     return tr
 
 
-def bench_compile_ab(resolution: int, widths: str, batch: int, steps: int, device: str, amp: str) -> dict:
-    """Eager and torch.compile steps of the same model, interleaved step by step in this process.
+def bench_compile_ab(resolution: int, widths: str, batch: int, steps: int, device: str, amp: str,
+                     settings: tuple[str, ...] = ()) -> dict:
+    """Eager and torch.compile steps of the same model, interleaved step by step in this process; with
+    ``settings`` (config overrides, `--set-ab`) eager steps without and with them instead.
 
-    The compiled trainer's first steps (until every graph is built: D and G phases, the lazy-R1 step) are
-    timed separately as its warm-up. Then ``steps`` pairs alternate eager / compiled, so a machine shared with
+    The second trainer's first steps (until every graph is built: D and G phases, the lazy-R1 step) are
+    timed separately as its warm-up. Then ``steps`` pairs alternate first / second, so a machine shared with
     other work slows both alike; the ratio's spread is over the pairs."""
     eager = _trainer(resolution, widths, batch, device, amp, False)
-    compiled = _trainer(resolution, widths, batch, device, amp, True)
+    if settings:
+        compiled = _trainer(resolution, widths, batch, device, amp, False, settings)
+    else:
+        compiled = _trainer(resolution, widths, batch, device, amp, True)
     dev = eager.device
     g = torch.Generator().manual_seed(0)
     real = (torch.rand(batch, 3, resolution, resolution, generator=g) * 2 - 1).to(dev)
@@ -381,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--compile-ab", action="store_true",
                     help="eager vs torch.compile, interleaved in one process: img/s of each, ratio, compile warm-up")
+    ap.add_argument("--set-ab", metavar="KEY=VALUE", action="append", default=[],
+                    help="like --compile-ab, but eager steps without vs with these config overrides (repeatable)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--baseline", metavar="REV", default=None,
                     help="time the working tree against git revision REV (a temporary worktree), interleaved")
@@ -398,6 +407,13 @@ def main(argv: list[str] | None = None) -> int:
                                 "--quiet", f"{args.baseline}^{{commit}}"], capture_output=True, text=True)
         if found.returncode != 0:
             ap.error(f"--baseline {args.baseline}: not a git revision of this repository")
+    if args.set_ab:  # a bad KEY=VALUE is refused here, before the minute-long peak measurement
+        from retinagen.errors import RetinagenError
+
+        try:
+            load_run_config("synthfundus", overrides=parse_overrides(args.set_ab))
+        except RetinagenError as exc:
+            ap.error(f"--set-ab: {exc}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -416,12 +432,13 @@ def main(argv: list[str] | None = None) -> int:
             for res in resolutions:
                 print(profile_steps(res, w, batch, args.steps or 16, args.device, args.amp, args.top), flush=True)
         return 0
-    if args.compile_ab:
-        print(f"{'res':>4} {'widths':>6} {'batch':>5} {'eager img/s':>11} {'compiled img/s':>14} "
-              f"{'ratio (min-max)':>20} {'compile warm-up s':>17} {'peak RSS MiB':>12}")
+    if args.compile_ab or args.set_ab:
+        second = "with --set-ab" if args.set_ab else "compiled"
+        print(f"{'res':>4} {'widths':>6} {'batch':>5} {'eager img/s':>11} {second + ' img/s':>14} "
+              f"{'ratio (min-max)':>20} {'warm-up s':>17} {'peak RSS MiB':>12}")
         for w in widths:
             for res in resolutions:
-                r = bench_compile_ab(res, w, batch, args.steps or 4, args.device, args.amp)
+                r = bench_compile_ab(res, w, batch, args.steps or 4, args.device, args.amp, tuple(args.set_ab))
                 spread = f"{r['ratio_median']:.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"
                 print(f"{res:>4} {w:>6} {batch:>5} {r['eager_img_s']:>11.1f} {r['compiled_img_s']:>14.1f} "
                       f"{spread:>20} {r['warmup_s']:>17.1f} {r['peak_rss_mib']:>12.0f}", flush=True)

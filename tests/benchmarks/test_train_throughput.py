@@ -37,11 +37,12 @@ def test_baseline_times_both_trees_and_compares_their_weights() -> None:
     base, cur, ratio, lo, hi = (float(v) for v in re.findall(r"\d+\.\d+", row)[:5])
     assert base > 0 and cur > 0 and lo <= ratio <= hi
     assert abs(ratio - cur / base) < 0.5 * ratio  # the median ratio is of the same order as the medians' ratio
-    dw = row.split()[-1]
-    assert re.fullmatch(r"\d\.\d\de[+-]\d\d", dw), row  # the weights of both trees were compared
+    found = re.search(r"(\d\.\de[+-]\d\d), rel (\d\.\de[+-]\d\d|nan)\s*$", row)
+    assert found, row  # the weights of both trees were compared: max difference, relative update difference
     if not subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "retinagen"],
                           capture_output=True, text=True).stdout.strip():
-        assert float(dw) == 0.0  # HEAD and a clean working tree compute the same step
+        # HEAD and a clean working tree compute the same step
+        assert float(found.group(1)) == 0.0 and float(found.group(2)) == 0.0
     assert "2 repeats" in proc.stdout
     assert _worktrees() == before  # the temporary worktree is gone
 
@@ -51,3 +52,13 @@ def test_a_revision_that_does_not_exist_is_an_error_and_leaves_no_worktree() -> 
     proc = _bench("--baseline", "no-such-revision-xyz", "--repeats", "1", "--steps", "1")
     assert proc.returncode == 2 and "not a git revision" in proc.stderr, proc.stderr[-2000:]
     assert _worktrees() == before
+
+
+def test_set_ab_times_a_setting_against_the_defaults_and_refuses_a_bad_key() -> None:
+    proc = _bench("--set-ab", "train.reuse_fakes=true", "--steps", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = next(ln for ln in proc.stdout.splitlines() if re.match(r"\s+8\s+cpu\s+4\s", ln))
+    eager, other, ratio, lo, hi = (float(v) for v in re.findall(r"\d+\.\d+", row)[:5])
+    assert eager > 0 and other > 0 and lo <= ratio <= hi and "with --set-ab" in proc.stdout
+    bad = _bench("--set-ab", "train.no_such_key=1")
+    assert bad.returncode == 2 and "--set-ab" in bad.stderr and "no_such_key" in bad.stderr
