@@ -716,6 +716,78 @@ def _read_metrics(path: Path, upto_step: int) -> list[str]:
     return keep
 
 
+def _open_training_data(trainer: Trainer, zip_path: Path) -> Any:
+    """The run's training split, checked against the model (resolution, labels), with the trainer told
+    its fingerprint and, for a conditional model, the grade frequencies fake grades are drawn from."""
+    from retinagen.data.dataset import ZipImageDataset
+
+    cfg = trainer.cfg
+    dataset = ZipImageDataset(zip_path, split=None if cfg.data.split == "all" else "train")
+    if dataset.resolution != cfg.model.resolution:
+        raise RetinagenError(
+            f"{zip_path}: images are {dataset.resolution} px but model.resolution is {cfg.model.resolution}; "
+            f"prepare the data at {cfg.model.resolution} px or change the resolution"
+        )
+    trainer.dataset_fingerprint = dataset.fingerprint()
+    if trainer.num_classes:
+        labels = np.asarray(dataset.labels)
+        if labels.size == 0 or (labels < 0).any():
+            raise RetinagenError(f"{zip_path}: model.conditional is true but the dataset has unlabelled images")
+        if labels.max() >= trainer.num_classes:
+            raise RetinagenError(f"{zip_path}: label {labels.max()} >= model.num_classes {trainer.num_classes}")
+        counts = np.bincount(labels, minlength=trainer.num_classes).astype(np.float64)
+        trainer.grade_probs = torch.tensor(counts / counts.sum(), dtype=torch.float64)
+    return dataset
+
+
+def _log_step(trainer: Trainer, stats: dict[str, torch.Tensor | float], rate: float, metrics_path: Path,
+              writer: Any, bar: Any) -> None:
+    """One logging step: the step's statistics (read from the device now) to metrics.jsonl, TensorBoard
+    and the progress bar's description."""
+    floats = trainer.read_stats(stats)
+    record = {"step": trainer.step, "kimg": trainer.images_seen / 1000.0, "images_per_s": rate, **floats}
+    with open(metrics_path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+    if writer is not None:
+        for k, v in record.items():
+            if k != "step":
+                writer.add_scalar(k, v, trainer.step)
+    bar.set_description(
+        f"G {floats['loss/G']:.2f} D {floats['loss/D']:.2f} "
+        f"Linfo {floats['info/L_info_discrete']:.1f}/{floats['info/H_discrete']:.1f}"
+    )
+
+
+def _loader(trainer: Trainer, dataset: Any) -> torch.utils.data.DataLoader:
+    """This process's slice of every global batch, in the run's order from the images already shown."""
+    cfg, d = trainer.cfg, trainer.d
+    sampler = StreamSampler(len(dataset), cfg.train.seed, cfg.train.batch_size, d.rank, d.world,
+                            start=trainer.images_seen)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=cfg.train.batch_size // d.world,
+        sampler=sampler,
+        num_workers=cfg.train.workers,
+        pin_memory=trainer.device.type == "cuda",
+        drop_last=True,
+        persistent_workers=cfg.train.workers > 0,
+        worker_init_fn=_ignore_stop_signals,
+    )
+
+
+def _open_writer(trainer: Trainer, dataset: Any) -> Any:
+    """The run's TensorBoard writer (events after the resumed step purged), and samples/reals.png once."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir, cfg = trainer.run_dir, trainer.cfg
+    writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=trainer.step)
+    if not (run_dir / "samples" / "reals.png").is_file():
+        cols, rows = cfg.train.sample_grid
+        reals = torch.stack([dataset[i][0] for i in range(min(len(dataset), cols * rows))])
+        save_image_grid(reals, run_dir / "samples" / "reals.png", cols=cols)
+    return writer
+
+
 def train(
     cfg: RunConfig,
     run_dir: Path,
@@ -734,8 +806,6 @@ def train(
     ``checkpoints/best-<step>`` (outside the rotation of ``keep_checkpoints``). Scoring time is not counted
     in the run's ``train_seconds``.
     """
-    from retinagen.data.dataset import ZipImageDataset
-
     run_dir = Path(run_dir)
     trainer = Trainer(cfg, run_dir, progress=progress)
     d = trainer.d
@@ -750,21 +820,7 @@ def train(
     )
 
     zip_path = resolve_training_data(cfg, run_dir, d)
-    dataset = ZipImageDataset(zip_path, split=None if cfg.data.split == "all" else "train")
-    if dataset.resolution != cfg.model.resolution:
-        raise RetinagenError(
-            f"{zip_path}: images are {dataset.resolution} px but model.resolution is {cfg.model.resolution}; "
-            f"prepare the data at {cfg.model.resolution} px or change the resolution"
-        )
-    trainer.dataset_fingerprint = dataset.fingerprint()
-    if trainer.num_classes:
-        labels = np.asarray(dataset.labels)
-        if labels.size == 0 or (labels < 0).any():
-            raise RetinagenError(f"{zip_path}: model.conditional is true but the dataset has unlabelled images")
-        if labels.max() >= trainer.num_classes:
-            raise RetinagenError(f"{zip_path}: label {labels.max()} >= model.num_classes {trainer.num_classes}")
-        counts = np.bincount(labels, minlength=trainer.num_classes).astype(np.float64)
-        trainer.grade_probs = torch.tensor(counts / counts.sum(), dtype=torch.float64)
+    dataset = _open_training_data(trainer, zip_path)
 
     if resume:
         latest = latest_valid_checkpoint(run_dir / "checkpoints")
@@ -778,28 +834,9 @@ def train(
         kept = _read_metrics(metrics_path, trainer.step)
         atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
 
-    per_rank = cfg.train.batch_size // d.world
-    sampler = StreamSampler(len(dataset), cfg.train.seed, cfg.train.batch_size, d.rank, d.world, start=trainer.images_seen)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=per_rank,
-        sampler=sampler,
-        num_workers=cfg.train.workers,
-        pin_memory=trainer.device.type == "cuda",
-        drop_last=True,
-        persistent_workers=cfg.train.workers > 0,
-        worker_init_fn=_ignore_stop_signals,
-    )
+    loader = _loader(trainer, dataset)
     total_images = int(round(cfg.train.kimg * 1000))
-    writer = None
-    if d.main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=trainer.step)
-        if not (run_dir / "samples" / "reals.png").is_file():
-            cols, rows = cfg.train.sample_grid
-            reals = torch.stack([dataset[i][0] for i in range(min(len(dataset), cols * rows))])
-            save_image_grid(reals, run_dir / "samples" / "reals.png", cols=cols)
+    writer = _open_writer(trainer, dataset) if d.main else None
 
     snapshot_every = max(1, int(round(cfg.train.snapshot_kimg * 1000)))
     sample_every = max(1, int(round(cfg.train.sample_kimg * 1000)))
@@ -831,18 +868,7 @@ def train(
                 now = time.perf_counter()
                 rate = (trainer.images_seen - window_imgs) / max(now - window_t, 1e-9)
                 window_t, window_imgs = now, trainer.images_seen
-                stats = trainer.read_stats(stats)
-                record = {"step": trainer.step, "kimg": trainer.images_seen / 1000.0, "images_per_s": rate, **stats}
-                with open(metrics_path, "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(record) + "\n")
-                if writer is not None:
-                    for k, v in record.items():
-                        if k != "step":
-                            writer.add_scalar(k, v, trainer.step)
-                bar.set_description(
-                    f"G {stats['loss/G']:.2f} D {stats['loss/D']:.2f} "
-                    f"Linfo {stats['info/L_info_discrete']:.1f}/{stats['info/H_discrete']:.1f}"
-                )
+                _log_step(trainer, stats, rate, metrics_path, writer, bar)
             done = trainer.images_seen >= total_images
             budget_hit = not done and budget_s is not None and trainer.elapsed_train_seconds() >= budget_s
             if d.world > 1:  # every process leaves at the same step, or the others wait in an all_reduce
@@ -869,21 +895,13 @@ def train(
     if writer is not None:
         writer.close()
     elapsed = time.perf_counter() - t0
-    shown = trainer.images_seen - start_images
-    summary = TrainSummary(
-        run_dir=run_dir,
-        steps=trainer.step,
-        images_seen=trainer.images_seen,
-        elapsed_s=elapsed,
-        images_per_s=shown / max(elapsed, 1e-9),
-        last_checkpoint=last_ck,
-        stopped_early=stopped,
-        stop_signal=flag.signum if stopped else None,
-        budget_reached=budget_reached,
-    )
     if d.world > 1:
         dist.barrier()
-    return summary
+    return TrainSummary(
+        run_dir=run_dir, steps=trainer.step, images_seen=trainer.images_seen, elapsed_s=elapsed,
+        images_per_s=(trainer.images_seen - start_images) / max(elapsed, 1e-9), last_checkpoint=last_ck,
+        stopped_early=stopped, stop_signal=flag.signum if stopped else None, budget_reached=budget_reached,
+    )  # fmt: skip
 
 
 def load_run_config_from_dir(run_dir: Path) -> RunConfig:
