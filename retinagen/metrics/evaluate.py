@@ -604,6 +604,71 @@ def _acm_plot(acm: Mapping[str, Any], files: Path, rel: str) -> str:
 
 
 # ============================================================================================= the run
+def _check_evaluate_args(metrics: Sequence[str], repeats: int, acm_n: int, top_factors: int, batch_size: int,
+                         n_samples: int | None) -> list[str]:
+    """The requested metrics, with every count checked before any work starts."""
+    wanted = [m.strip() for m in metrics]
+    unknown = [m for m in wanted if m not in KNOWN_METRICS]
+    if unknown or not wanted:
+        raise RetinagenError(
+            f"--metrics: unknown metric(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(KNOWN_METRICS)}"
+        )
+    if repeats < 1 or acm_n < 1 or top_factors < 0 or batch_size < 1:
+        raise RetinagenError("repeats, acm_n and batch_size must be >= 1, top_factors >= 0")
+    if n_samples is not None and n_samples < 2:
+        raise RetinagenError(f"--n-samples must be >= 2, got {n_samples}")
+    return wanted
+
+
+def _factor_map_for(model: Any, factor_map: str | Path | None, discovered_path: Path, discovery_n: int,
+                    discovery_steps: int, seed: int, progress: bool, batch_size: int
+                    ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The factor map ACM and the traversal grids use, and what the report says about it: the given one
+    (with a warning when it was discovered on another checkpoint), else one discovered now and written to
+    ``discovered_path``; (None, {}) for a model without codes."""
+    from retinagen.metrics.discovery import discover_factors, load_factor_map, save_factor_map
+
+    if factor_map is not None:
+        fmap = load_factor_map(factor_map)
+        info: dict[str, Any] = {"path": str(factor_map), "discovered_now": False}
+        if fmap.get("checkpoint_sha256") not in (None, model.sha256):
+            info["warning"] = "the factor map was discovered on another checkpoint"
+        return fmap, info
+    if model.spec.n_codes == 0:
+        return None, {}
+    result = discover_factors(model, n=discovery_n, steps=discovery_steps, seed=seed, progress=progress,
+                              batch_size=batch_size)
+    save_factor_map(result, discovered_path)
+    return load_factor_map(discovered_path), {"path": discovered_path.name, "discovered_now": True}
+
+
+def _model_and_data(model: Any, dataset: Any, data_zip: Path, fingerprint: str) -> dict[str, Any]:
+    """The report's ``model`` and ``data`` sections: what was evaluated against what."""
+    return {
+        "model": {
+            "msi": model.cfg.msi_name,
+            "msi_tuple": list(model.cfg.msi),
+            "checkpoint": str(model.path),
+            "checkpoint_sha256": model.sha256,
+            "step": model.meta.get("step"),
+            "kimg": model.meta.get("kimg"),
+            "resolution": model.resolution,
+            "dataset": model.cfg.data.dataset,
+            "codes": list(model.spec.code_names),
+            "code_kinds": list(model.spec.code_kinds),
+            "conditional": model.num_classes > 0,
+        },
+        "data": {
+            "path": str(data_zip),
+            "fingerprint": fingerprint,
+            "n_images": len(dataset),
+            "resolution": dataset.resolution,
+            "synthetic": bool(dataset.meta.get("synthetic") or "factors" in dataset.meta),
+            "num_classes": dataset.num_classes,
+        },
+    }
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     data_zip: str | Path,
@@ -661,23 +726,12 @@ def evaluate_checkpoint(
     """
     from retinagen.data.dataset import ZipImageDataset
     from retinagen.generation import load_model
-    from retinagen.metrics.discovery import discover_factors, load_factor_map, save_factor_map
 
     t_start = time.perf_counter()
-    wanted = [m.strip() for m in metrics]
-    unknown = [m for m in wanted if m not in KNOWN_METRICS]
-    if unknown or not wanted:
-        raise RetinagenError(
-            f"--metrics: unknown metric(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(KNOWN_METRICS)}"
-        )
-    if repeats < 1 or acm_n < 1 or top_factors < 0 or batch_size < 1:
-        raise RetinagenError("repeats, acm_n and batch_size must be >= 1, top_factors >= 0")
-    if n_samples is not None and n_samples < 2:
-        raise RetinagenError(f"--n-samples must be >= 2, got {n_samples}")
-    out_json = Path(out_json)
+    wanted = _check_evaluate_args(metrics, repeats, acm_n, top_factors, batch_size, n_samples)
+    out_json, data_zip = Path(out_json), Path(data_zip)
     if out_json.suffix.lower() != ".json":
         raise BadInputError(out_json, "the report path must end in .json (REPORT.md is written beside it)")
-    data_zip = Path(data_zip)
     if not data_zip.is_file():
         raise BadInputError(data_zip, "dataset ZIP not found (make one with retinagen prepare)")
     out_dir = out_json.parent
@@ -756,24 +810,8 @@ def evaluate_checkpoint(
     fmap_info: dict[str, Any] = {}
     if "acm" in wanted or top_factors > 0:
         t0 = time.perf_counter()
-        if factor_map is not None:
-            fmap = load_factor_map(factor_map)
-            fmap_info = {"path": str(factor_map), "discovered_now": False}
-            if fmap.get("checkpoint_sha256") not in (None, model.sha256):
-                fmap_info["warning"] = "the factor map was discovered on another checkpoint"
-        elif model.spec.n_codes > 0:
-            result = discover_factors(
-                model,
-                n=discovery_n,
-                steps=discovery_steps,
-                seed=seed,
-                progress=progress,
-                batch_size=batch_size,
-            )
-            fmap_path = out_dir / f"{out_json.stem}_FACTORS.json"
-            save_factor_map(result, fmap_path)
-            fmap = load_factor_map(fmap_path)
-            fmap_info = {"path": fmap_path.name, "discovered_now": True}
+        fmap, fmap_info = _factor_map_for(model, factor_map, out_dir / f"{out_json.stem}_FACTORS.json",
+                                          discovery_n, discovery_steps, seed, progress, batch_size)
         timed("discovery", t0)
     if "acm" in wanted:
         t0 = time.perf_counter()
@@ -802,27 +840,7 @@ def evaluate_checkpoint(
         "schema": REPORT_SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "retinagen_version": __version__,
-        "model": {
-            "msi": model.cfg.msi_name,
-            "msi_tuple": list(model.cfg.msi),
-            "checkpoint": str(model.path),
-            "checkpoint_sha256": model.sha256,
-            "step": model.meta.get("step"),
-            "kimg": model.meta.get("kimg"),
-            "resolution": model.resolution,
-            "dataset": model.cfg.data.dataset,
-            "codes": list(model.spec.code_names),
-            "code_kinds": list(model.spec.code_kinds),
-            "conditional": model.num_classes > 0,
-        },
-        "data": {
-            "path": str(data_zip),
-            "fingerprint": real.fingerprint,
-            "n_images": len(dataset),
-            "resolution": dataset.resolution,
-            "synthetic": bool(dataset.meta.get("synthetic") or "factors" in dataset.meta),
-            "num_classes": dataset.num_classes,
-        },
+        **_model_and_data(model, dataset, data_zip, real.fingerprint),
         "settings": {
             "metrics": wanted,
             "n_samples": n_gen,
