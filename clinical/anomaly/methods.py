@@ -39,9 +39,6 @@ def _standardiser(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.maximum(sd, floor)
 
 
-
-
-
 @dataclass
 class ScoringContext:
     """What a method may use besides the features: the standardisation, the model and the extractor.

@@ -49,8 +49,6 @@ DEFAULT_FPR = 0.05
 TOP_FEATURES = 3
 
 
-
-
 @dataclass
 class ScoreBatch:
     """Scores of N images: score [N], percentile [N] (0-100, among calibration normals), flagged [N] bool,
