@@ -16,6 +16,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from retinagen.errors import RetinagenError
+from retinagen.metrics.registry import DEFAULT_METRICS, KNOWN_METRICS, metrics_help
 from retinagen.options import (
     Assignment,
     AttributeList,
@@ -379,6 +380,8 @@ def _factor_map_for(model: Any, path: Path | None, names: list[str]) -> dict[str
 # --------------------------------------------------------------------------------------------------
 # Metrics
 
+_DEFAULT_METRICS_TEXT = ",".join(DEFAULT_METRICS)
+
 def _parse_metrics(text: str, known: tuple[str, ...]) -> list[str]:
     """``"fid, mig"`` -> ``["fid", "mig"]``; unknown or no names: usage error (exit 2) listing the valid ones."""
     given = [m.strip() for m in text.split(",") if m.strip()]
@@ -471,7 +474,7 @@ def evaluate(
             help="Prepared dataset ZIP to compare with (default: the ZIP the checkpoint was trained on, if found).",
         ),
     ] = None,
-    metrics: Annotated[MetricList, typer.Option(help="Comma-separated: fid,kid,mig,acm,fd_fundus")] = "fid,kid,mig,acm,fd_fundus",
+    metrics: Annotated[MetricList, typer.Option(help=metrics_help())] = _DEFAULT_METRICS_TEXT,
     inception_weights: Annotated[
         ReadableFile | None,
         typer.Option(
@@ -518,7 +521,7 @@ def evaluate(
 ) -> None:
     """Measure quality (FID/KID, fundus FD) and control (MIG, ACM); write REPORT.json + REPORT.md."""
     from retinagen.generation import default_factor_map_path, resolve_checkpoint
-    from retinagen.metrics.evaluate import KNOWN_METRICS, evaluate_checkpoint
+    from retinagen.metrics.evaluate import evaluate_checkpoint
     from retinagen.metrics.fid import MetricUnavailable, resolve_inception_weights
     from retinagen.training.checkpoint import sha256_file
 
@@ -595,7 +598,7 @@ def compare(
 ) -> None:
     """Compare evaluation reports side by side: FID, fd_fundus, MIG, max I, best ACM (a Markdown table)."""
     from retinagen.fileio import atomic_write_text
-    from retinagen.metrics.evaluate import compare_reports, load_report
+    from retinagen.metrics.report import compare_reports, load_report
 
     table = compare_reports([load_report(p) for p in reports])
     typer.echo(table, nl=False)

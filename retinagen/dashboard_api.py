@@ -60,6 +60,7 @@ from retinagen.generation import (
     sample_latents,
     traversal_values,
 )
+from retinagen.metrics.registry import METRICS
 from retinagen.training.checkpoint import list_checkpoints
 
 __all__ = [
@@ -884,7 +885,7 @@ def sample_grids(run_dir: str | Path) -> list[tuple[int, Path]]:
 def find_reports(run_dir: str | Path, *, max_depth: int = 3) -> tuple[list[tuple[Path, dict[str, Any]]], list[str]]:
     """Evaluation reports (``REPORT.json`` / ``*.json`` with the evaluation schema) up to ``max_depth`` folders
     below the run folder: (path, report) pairs newest first, and notes on files that could not be read."""
-    from retinagen.metrics.evaluate import load_report
+    from retinagen.metrics.report import load_report
 
     root = Path(run_dir)
     found, notes = [], []
@@ -911,7 +912,8 @@ def _ms(sec: Mapping[str, Any] | None) -> str:
 
 def report_tables(report: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """Rows for the dashboard's tables from an evaluation report: ``quality`` (FID, KID, fd_fundus),
-    ``mig`` (MIG and max I), ``acm`` (per attribute: code, ACM %, 95 % margin), ``notes`` (skipped metrics)."""
+    ``mig`` (MIG and max I), ``acm`` (per attribute: code, ACM %, 95 % margin), ``notes`` (every metric of
+    `retinagen.metrics.registry.METRICS` that was skipped or not requested, with what it measures)."""
     m = report.get("metrics", {})
     model = report.get("model", {})
     name = str(model.get("msi", "model"))
@@ -933,8 +935,13 @@ def report_tables(report: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
             acm_rows.append({"attribute": r["attribute"], "code": f"{r['code']} ({r['kind']})",
                              "assigned": bool(r.get("assigned")), "ACM %": r["percent"], "± 95 %": r["margin95"],
                              "n": r["n"], "direction": r.get("direction")})
-    notes = [{"metric": k, "reason": str(v.get("reason", ""))} for k, v in m.items()
-             if isinstance(v, dict) and v.get("status") not in (None, "ok")]
+    notes = []
+    for k, info in METRICS.items():  # every metric evaluate knows, so one not requested is visible too
+        sec = m.get(k)
+        if not isinstance(sec, dict):
+            notes.append({"metric": k, "measures": info.description, "reason": f"not requested (--metrics {k})"})
+        elif sec.get("status") not in (None, "ok"):
+            notes.append({"metric": k, "measures": info.description, "reason": str(sec.get("reason", ""))})
     return {"quality": quality, "mig": mig_rows, "acm": acm_rows, "notes": notes}
 
 

@@ -225,7 +225,7 @@ def _config_yaml(path: Path) -> Path:
 
 
 def _report_json(path: Path) -> Path:
-    from retinagen.metrics.evaluate import load_report
+    from retinagen.metrics.report import load_report
 
     _readable_file(path)
     return _loaded(load_report)(path)
@@ -311,7 +311,7 @@ def _name_list(known: Callable[[], tuple[str, ...]], what: str) -> Callable[[str
 
 
 def _known_metrics() -> tuple[str, ...]:
-    from retinagen.metrics.evaluate import KNOWN_METRICS
+    from retinagen.metrics.registry import KNOWN_METRICS
 
     return tuple(KNOWN_METRICS)
 

@@ -23,6 +23,7 @@ from retinagen.data.uploads import UploadError
 from retinagen.errors import BadInputError, RetinagenError
 from retinagen.generation import generate_images, load_model
 from retinagen.latent import CodeValueError
+from retinagen.metrics.registry import METRICS
 from tests.retinagen.data import dicom_fixtures as dfx
 
 
@@ -412,3 +413,7 @@ def test_metrics_samples_and_reports_are_read(run: api.DashboardRun, run_dir: Pa
     tables = api.report_tables(reports[0][1])
     assert tables["quality"][0]["FID"] == "not run" and tables["mig"] and tables["acm"]
     assert all(0 <= r["ACM %"] <= 100 and r["n"] == 8 for r in tables["acm"])
+    # Every metric of the registry that did not run is listed, with what it measures.
+    ran_ok = {k for k, v in reports[0][1]["metrics"].items() if v.get("status") == "ok"}
+    assert {n["metric"] for n in tables["notes"]} == set(METRICS) - ran_ok
+    assert all(n["measures"] == METRICS[n["metric"]].description for n in tables["notes"])

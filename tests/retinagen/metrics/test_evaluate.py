@@ -316,3 +316,23 @@ def test_real_attribute_labels_of_the_synthetic_set(synth_zip_16: Path) -> None:
         assert len(np.unique(labels[:, k])) >= 2, name  # constant columns are left out
         if how[name]["kind"] == "quantile":
             assert labels[:, k].max() <= 2
+
+
+def test_every_registered_metric_has_a_runner_and_the_cli_lists_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    from typer.testing import CliRunner
+
+    from retinagen.cli import app
+    from retinagen.metrics import registry
+
+    assert set(evalmod.KNOWN_METRICS) == set(registry.METRICS)
+    assert {m.group for m in registry.METRICS.values()} <= set(evalmod._GROUP_RUNNERS)
+    out = CliRunner().invoke(app, ["evaluate", "--help"], env={"COLUMNS": "300"}).output
+    assert all(name in out for name in registry.KNOWN_METRICS)
+    # A metric added to the registry without a runner: the evaluation module refuses to load.
+    monkeypatch.setitem(registry.METRICS, "lpips", registry.MetricInfo("lpips", "perceptual distance", "lpips"))
+    with pytest.raises(ImportError, match="lpips"):
+        importlib.reload(evalmod)
+    monkeypatch.delitem(registry.METRICS, "lpips")
+    importlib.reload(evalmod)
