@@ -110,21 +110,21 @@ def score_checkpoint(
 
 def _mig(model: Any, judges: Judges, batch_size: int, seed: int, progress: bool) -> float | None:
     from retinagen.data.dataset import ZipImageDataset
-    from retinagen.metrics.evaluate import _mig_section
+    from retinagen.metrics.sections import mig_section
 
-    sec = _mig_section(model, ZipImageDataset(judges.reference_zip), 4, 10, None, seed, batch_size, progress)
+    sec = mig_section(model, ZipImageDataset(judges.reference_zip), 4, 10, None, seed, batch_size, progress)
     return float(sec["mig"]) if sec.get("status") == "ok" else None
 
 
 def _acm(model: Any, acm_n: int, seed: int, batch_size: int, progress: bool) -> dict[str, float]:
     """ACM (%) per attribute of `ACM_ATTRIBUTES` that the discovered factor map has a code for."""
     from retinagen.metrics.discovery import discover_factors
-    from retinagen.metrics.evaluate import _acm_section
+    from retinagen.metrics.sections import acm_section
 
     if model.spec.n_codes == 0:
         return {}
     fmap = discover_factors(model, n=32, steps=5, seed=seed, progress=progress, batch_size=batch_size).to_json()
-    sec = _acm_section(model, fmap, acm_n, 7, seed + 1, batch_size, progress)
+    sec = acm_section(model, fmap, acm_n, 7, seed + 1, batch_size, progress)
     if sec.get("status") != "ok":
         return {}
     out = {r["attribute"]: float(r["percent"]) for r in sec["rows"] if r["attribute"] in ACM_ATTRIBUTES}
