@@ -41,11 +41,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     """REPORT.md for a report from `evaluate_checkpoint` (image links relative to the report's folder)."""
     m = report["model"]
     d = report["data"]
-    s = report["settings"]
-    sec = report["metrics"]
-    name = m["msi"]
     lines = [
-        f"# Evaluation: {name}",
+        f"# Evaluation: {m['msi']}",
         "",
         f"- checkpoint: `{Path(m['checkpoint']).name}` (sha256 `{m['checkpoint_sha256'][:16]}…`, step {m['step']}, "
         f"{m['kimg']} kimg, {m['resolution']} px, trained on {m['dataset']})",
@@ -55,9 +52,16 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"{report['total_seconds']:.1f} s",
         "",
     ]
-    # ---- Table 1 ----
+    for part in (_md_quality, _md_mig, _md_acm, _md_linfo, _md_traversals, _md_timings):
+        lines += part(report)
+    return "\n".join(lines)
+
+
+def _md_quality(report: Mapping[str, Any]) -> list[str]:
+    """Table 1: FID, KID and fd_fundus, and which encoder fd_fundus used."""
+    s, sec, name = report["settings"], report["metrics"], report["model"]["msi"]
     fdf = sec.get("fd_fundus")
-    lines += [
+    lines = [
         "## Image quality (Table 1 style)",
         "",
         f"Mean ± std over {s['repeats']} estimates of {s['n_samples']} generated images each (seeds "
@@ -88,7 +92,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             "used the same encoder.",
             "",
         ]
-    # ---- Table 2 ----
+    return lines
+
+
+def _md_mig(report: Mapping[str, Any]) -> list[str]:
+    """Table 2: MIG and max I, and the best code per attribute."""
+    sec, name = report["metrics"], report["model"]["msi"]
+    lines: list[str] = []
     mig = sec.get("mig")
     if mig is not None:
         lines += ["## Disentanglement: MIG and max I (Table 2 style)", ""]
@@ -117,8 +127,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                     f"| {a} | {abs(mig['label_entropies'][k]):.3f} | {codes[best]} | {row[best]:.4g} |"
                 )
             lines += ["", f"![mutual information between attributes and codes]({mig['plot']})", ""]
-    # ---- Table 3 ----
-    acm = sec.get("acm")
+    return lines
+
+
+def _md_acm(report: Mapping[str, Any]) -> list[str]:
+    """Table 3: ACM per attribute with its 95 % margin."""
+    acm = report["metrics"].get("acm")
+    lines: list[str] = []
     if acm is not None:
         lines += ["## Attribute control: ACM (Table 3 style)", ""]
         if acm["status"] != "ok":
@@ -145,9 +160,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             for ns in acm.get("not_scored", []):
                 lines.append(f"| {ns['attribute']} | – | – | not scored: {ns['reason']} | | | |")
             lines += ["", f"![ACM per attribute]({acm['plot']})", ""]
-    # ---- Figure 10 ----
+    return lines
+
+
+def _md_linfo(report: Mapping[str, Any]) -> list[str]:
+    """Figure 10: L_info of the discrete codes against its bound H(C)."""
     lin = report.get("linfo") or {}
-    lines += ["## L_info against its bound H(C) (Figure 10 style)", ""]
+    lines = ["## L_info against its bound H(C) (Figure 10 style)", ""]
     if lin.get("status") == "ok":
         frac = lin.get("tail_fraction_of_bound")
         lines += [
@@ -161,9 +180,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         ]
     else:
         lines += [f"Skipped: {lin.get('reason', 'not run')}", ""]
-    # ---- traversals ----
+    return lines
+
+
+def _md_traversals(report: Mapping[str, Any]) -> list[str]:
     tr = report.get("traversals") or {}
-    lines += ["## Traversals of the top factors", ""]
+    lines = ["## Traversals of the top factors", ""]
     if tr.get("status") == "ok":
         lines += [
             "Rows: the code's values (top to bottom); columns: 8 latents with the other codes and noise fixed.",
@@ -184,11 +206,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             ]
     else:
         lines += [f"Skipped: {tr.get('reason', 'not run')}", ""]
-    # ---- timings ----
-    lines += ["## Run time", "", "| step | seconds |", "|---|---|"]
+    return lines
+
+
+def _md_timings(report: Mapping[str, Any]) -> list[str]:
+    lines = ["## Run time", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in report.get("timings_s", {}).items()]
-    lines += [f"| total | {report['total_seconds']:.1f} |", ""]
-    return "\n".join(lines)
+    return lines + [f"| total | {report['total_seconds']:.1f} |", ""]
 
 
 # ============================================================================================ comparing
