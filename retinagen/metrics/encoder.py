@@ -503,8 +503,7 @@ def train_fundus_encoder(
         max_images: train on a seeded random subset of at most this many images (default: all).
         feature_dim, channels: the architecture (features: [B, feature_dim]).
         device: where to train ("cuda" makes large datasets cheap); the saved encoder is the same format.
-    Cost: one forward + backward pass per image per epoch: about 1.5-2.5 ms per image at 32 px on one CPU
-    core (cost grows with S^2).
+    Cost: one forward + backward pass per image per epoch (it grows with S^2).
     """
     from retinagen.data.dataset import ZipImageDataset
 
@@ -550,30 +549,8 @@ def train_fundus_encoder(
     steps_per_epoch = math.ceil(n_train / batch_size)
     epochs = max(epochs, math.ceil(min_steps / steps_per_epoch))
     total_steps = epochs * steps_per_epoch
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total_steps))
-    history: list[dict[str, float]] = []
-    net.train()
-    with progress_bar(epochs * n_train, "fundus encoder: train", enabled=progress) as bar:
-        for epoch in range(epochs):
-            perm = torch.randperm(n_train, generator=gen).numpy()
-            sums: dict[str, float] = {}
-            for start in range(0, n_train, batch_size):
-                rows = perm[start : start + batch_size]
-                x = net.preprocess(store.batch([train_idx[r] for r in rows]).to(dev))
-                parts = _losses(net, x, rows, targets, gen)
-                if not parts:
-                    bar.advance(len(rows))
-                    continue
-                loss = sum(parts.values())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()  # type: ignore[union-attr]
-                opt.step()
-                sched.step()
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(rows)
-                bar.advance(len(rows))
-            history.append({"epoch": epoch + 1, **{f"loss/{k}": v / n_train for k, v in sums.items()}})
+    history = _fit(net, store, train_idx, targets, epochs=epochs, batch_size=batch_size, lr=lr, gen=gen, dev=dev,
+                   progress=progress)
     net.eval()
     validation = (
         _validation_scores(net, store, val_idx, _targets_rows(targets, n_train), batch_size)
@@ -582,18 +559,14 @@ def train_fundus_encoder(
     )
     train_scores = _validation_scores(net, store, train_idx, targets, batch_size)
 
-    net = net.cpu()  # saved from the CPU: the file does not depend on the training device's layout
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    with atomic_path(tensor_path) as tmp:
-        save_file(state, str(tmp), metadata={"format": "retinagen-fundus-encoder"})
-    digest = sha256_file(tensor_path)
+    _save(net, tensor_path)
     meta = {
         "schema": ENCODER_SCHEMA,
         "extractor": EXTRACTOR_NAME,
         "config": asdict(cfg),
         "objective": cfg.objective,
         "tensors_file": tensor_path.name,
-        "tensors_sha256": digest,
+        "tensors_sha256": sha256_file(tensor_path),
         "data": {
             "fingerprint": ds.fingerprint(),
             "file": zip_path.name,
@@ -621,6 +594,46 @@ def train_fundus_encoder(
     }
     atomic_write_json(json_path, meta)
     return tensor_path
+
+
+def _fit(net: FundusEncoderNet, store: _ImageStore, train_idx: list[int], targets: _Targets, *, epochs: int,
+         batch_size: int, lr: float, gen: torch.Generator, dev: torch.device, progress: bool) -> list[dict[str, float]]:
+    """AdamW with warm-up + cosine over ``epochs`` seeded passes (rows shuffled by ``gen``); the loss history."""
+    n_train = len(train_idx)
+    total_steps = epochs * math.ceil(n_train / batch_size)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total_steps))
+    history: list[dict[str, float]] = []
+    net.train()
+    with progress_bar(epochs * n_train, "fundus encoder: train", enabled=progress) as bar:
+        for epoch in range(epochs):
+            perm = torch.randperm(n_train, generator=gen).numpy()
+            sums: dict[str, float] = {}
+            for start in range(0, n_train, batch_size):
+                rows = perm[start : start + batch_size]
+                x = net.preprocess(store.batch([train_idx[r] for r in rows]).to(dev))
+                parts = _losses(net, x, rows, targets, gen)
+                if not parts:
+                    bar.advance(len(rows))
+                    continue
+                loss = sum(parts.values())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()  # type: ignore[union-attr]
+                opt.step()
+                sched.step()
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(rows)
+                bar.advance(len(rows))
+            history.append({"epoch": epoch + 1, **{f"loss/{k}": v / n_train for k, v in sums.items()}})
+    return history
+
+
+def _save(net: FundusEncoderNet, tensor_path: Path) -> None:
+    """The weights from the CPU (the file does not depend on the training device's layout), atomically."""
+    net = net.cpu()
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    with atomic_path(tensor_path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "retinagen-fundus-encoder"})
 
 
 def _targets_rows(t: _Targets, offset: int) -> _Targets:
