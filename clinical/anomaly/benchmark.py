@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -261,7 +262,6 @@ def run_benchmark(
     the forced variants for faces and natural), and ``timing`` (ms per image for fit and score).
     """
     say = log or (lambda _msg: None)
-    rng = np.random.default_rng(seed)
     model = load_model(checkpoint, with_discriminator=True)
     data = Path(data)
     ds = ZipImageDataset(data)
@@ -271,7 +271,94 @@ def run_benchmark(
         )
     if ds.num_classes == 0:
         raise RetinagenError(f"{data}: the benchmark needs DR-grade labels")
-    res = model.resolution
+    b = _benchmark_sets(ds, model.resolution, np.random.default_rng(seed), seed, max_per_type)
+
+    extractor = FeatureExtractor(model)
+    # Features are extracted once per image set and shared by the scorers: ``score_ms_per_image`` is the
+    # scorer's own time, ``total_ms_per_image`` adds the feature extraction (``feature_ms_per_image``).
+    extract_ms = _time_features(extractor, b.normals)
+    feats_cache: dict[str, np.ndarray] = {}
+
+    def feats_of(key: str, imgs: torch.Tensor) -> np.ndarray:
+        if key not in feats_cache:
+            feats_cache[key] = extractor(imgs)
+        return feats_cache[key]
+
+    counts = {"reference_normals": int(b.ref_images.shape[0]), "heldout_normals": int(b.normals.shape[0])}
+    for name, imgs in b.sets.items():
+        counts[name] = int(imgs.shape[0]) + b.refused.get(name, 0)
+    counts["refused_by_fov_detector"] = b.refused
+
+    results: dict[str, dict[str, Any]] = {}
+    timing: dict[str, dict[str, float]] = {}
+    total = len(scorers) * (1 + len(b.sets) + len(b.forced))
+    with progress_bar(total, "anomaly benchmark", unit="set", enabled=progress) as bar:
+        for name in scorers:
+            t0 = time.perf_counter()
+            scorer = fit_scorer_on_images(
+                model,
+                b.ref_images,
+                method=name,
+                options=(options or {}).get(name),
+                fpr=fpr,
+                seed=seed,
+                feats=feats_of("reference", b.ref_images),
+                info={"data": data.name, "normals": "grade 0 (benchmark reference)"},
+            )
+            fit_s = time.perf_counter() - t0
+            bar.advance(1)
+            results[name], method_ms, normal_fpr = _score_sets(model, scorer, b, feats_of, extractor, bar.advance)
+            timing[name] = {
+                "fit_s": round(fit_s, 3),
+                "score_ms_per_image": round(method_ms, 3),
+                "total_ms_per_image": round(method_ms + extract_ms, 3),
+                "heldout_normal_fpr": normal_fpr,
+            }
+            say(
+                f"{name}: "
+                + ", ".join(
+                    f"{k} {v['auroc']:.3f}" for k, v in results[name].items() if v.get("auroc") is not None
+                )
+            )
+    return {
+        "benchmark": "retinagen-anomaly",
+        "version": SCORER_VERSION,
+        "checkpoint_sha256": model.sha256,
+        "checkpoint": str(model.path),
+        "data": data.name,
+        "data_fingerprint": ds.fingerprint(),
+        "resolution": model.resolution,
+        "fpr": fpr,
+        "seed": seed,
+        "max_per_type": max_per_type,
+        "options": {name: build_method(name, (options or {}).get(name)).options() for name in scorers},
+        "counts": counts,
+        "results": results,
+        "timing": timing,
+        "feature_ms_per_image": extract_ms,
+        "refused_policy": (
+            "images refused by the FOV detector count as flagged (score +inf) in auroc/aupr/f1; "
+            "*_forced scores every image after bypassing the detector"
+        ),
+        "device": str(model.device),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+@dataclass
+class _BenchmarkSets:
+    """The benchmark's images in model range: reference and held-out normals, the anomaly sets (and how many
+    of each the FOV detector refused), and the out-of-distribution photos forced past the detector."""
+
+    ref_images: torch.Tensor
+    normals: torch.Tensor
+    sets: dict[str, torch.Tensor]
+    refused: dict[str, int]
+    forced: dict[str, torch.Tensor]
+
+
+def _benchmark_sets(ds: ZipImageDataset, res: int, rng: np.random.Generator, seed: int,
+                    max_per_type: int | None) -> _BenchmarkSets:
     splits = ds.meta.get("splits") or {}
     normal = np.flatnonzero(ds.labels == 0)
     if splits:
@@ -300,103 +387,41 @@ def run_benchmark(
         sets[name], refused[name] = _pipeline(photos, res)
         forced[name] = torch.stack([to_model_range(_forced_prepare(p, res)) for p in photos])
     normals = torch.stack([to_model_range(u) for u in held_u8])
-    ref_images = _read_prepared(ds, ref_idx)
+    return _BenchmarkSets(_read_prepared(ds, ref_idx), normals, sets, refused, forced)
 
-    extractor = FeatureExtractor(model)
-    # Features are extracted once per image set and shared by the scorers: ``score_ms_per_image`` is the
-    # scorer's own time, ``total_ms_per_image`` adds the feature extraction (``feature_ms_per_image``).
-    extract_ms = _time_features(extractor, normals)
-    feats_cache: dict[str, np.ndarray] = {}
 
-    def feats_of(key: str, imgs: torch.Tensor) -> np.ndarray:
-        if key not in feats_cache:
-            feats_cache[key] = extractor(imgs)
-        return feats_cache[key]
+def _score_sets(
+    model: Any,
+    scorer: AnomalyScorer,
+    b: _BenchmarkSets,
+    feats_of: Callable[[str, torch.Tensor], np.ndarray],
+    extractor: FeatureExtractor,
+    advance: Callable[[int], None],
+) -> tuple[dict[str, Any], float, float]:
+    """Detection metrics of one fitted scorer per anomaly set against the held-out normals, its scoring time
+    (ms per image, features excluded) and its false-positive rate on the held-out normals."""
+    n_scored, score_s = 0, 0.0
 
-    counts = {"reference_normals": int(ref_idx.size), "heldout_normals": int(held_idx.size)}
-    for name, imgs in sets.items():
-        counts[name] = int(imgs.shape[0]) + refused.get(name, 0)
-    counts["refused_by_fov_detector"] = refused
+    def scores_of(key: str, imgs: torch.Tensor) -> np.ndarray:
+        nonlocal n_scored, score_s
+        feats = feats_of(key, imgs)  # shared by the scorers: timed apart (feature_ms_per_image)
+        t = time.perf_counter()
+        s = scorer.score_images(model, imgs, feats=feats, extractor=extractor).score
+        score_s += time.perf_counter() - t
+        n_scored += int(imgs.shape[0])
+        return s
 
-    results: dict[str, dict[str, Any]] = {}
-    timing: dict[str, dict[str, float]] = {}
-    total = len(scorers) * (1 + len(sets) + len(forced))
-    with progress_bar(total, "anomaly benchmark", unit="set", enabled=progress) as bar:
-        for name in scorers:
-            ref_feats = feats_of("reference", ref_images)
-            t0 = time.perf_counter()
-            scorer = fit_scorer_on_images(
-                model,
-                ref_images,
-                method=name,
-                options=(options or {}).get(name),
-                fpr=fpr,
-                seed=seed,
-                feats=ref_feats,
-                info={"data": data.name, "normals": "grade 0 (benchmark reference)"},
-            )
-            fit_s = time.perf_counter() - t0
-            bar.advance(1)
-            n_scored, score_s = 0, 0.0
-
-            def scores_of(key: str, imgs: torch.Tensor, scorer: AnomalyScorer = scorer) -> np.ndarray:
-                nonlocal n_scored, score_s
-                feats = feats_of(key, imgs)  # shared by the scorers: timed apart (feature_ms_per_image)
-                t = time.perf_counter()
-                s = scorer.score_images(model, imgs, feats=feats, extractor=extractor).score
-                score_s += time.perf_counter() - t
-                n_scored += int(imgs.shape[0])
-                return s
-
-            normal_scores = scores_of("normals", normals)
-            per_type: dict[str, Any] = {}
-            for key, imgs in sets.items():
-                s = np.concatenate([scores_of(key, imgs), np.full(refused.get(key, 0), np.inf)])
-                per_type[key] = detection_metrics(normal_scores, s, scorer.threshold)
-                bar.advance(1)
-            for key, imgs in forced.items():
-                m = detection_metrics(normal_scores, scores_of(f"forced:{key}", imgs), scorer.threshold)
-                per_type[key].update(
-                    {f"{k}_forced": v for k, v in m.items() if k in ("auroc", "aupr", "f1", "tpr")}
-                )
-                bar.advance(1)
-            results[name] = per_type
-            method_ms = 1000 * score_s / max(n_scored, 1)
-            timing[name] = {
-                "fit_s": round(fit_s, 3),
-                "score_ms_per_image": round(method_ms, 3),
-                "total_ms_per_image": round(method_ms + extract_ms, 3),
-                "heldout_normal_fpr": float((normal_scores > scorer.threshold).mean()),
-            }
-            say(
-                f"{name}: "
-                + ", ".join(
-                    f"{k} {v['auroc']:.3f}" for k, v in per_type.items() if v.get("auroc") is not None
-                )
-            )
-    return {
-        "benchmark": "retinagen-anomaly",
-        "version": SCORER_VERSION,
-        "checkpoint_sha256": model.sha256,
-        "checkpoint": str(model.path),
-        "data": data.name,
-        "data_fingerprint": ds.fingerprint(),
-        "resolution": res,
-        "fpr": fpr,
-        "seed": seed,
-        "max_per_type": max_per_type,
-        "options": {name: build_method(name, (options or {}).get(name)).options() for name in scorers},
-        "counts": counts,
-        "results": results,
-        "timing": timing,
-        "feature_ms_per_image": extract_ms,
-        "refused_policy": (
-            "images refused by the FOV detector count as flagged (score +inf) in auroc/aupr/f1; "
-            "*_forced scores every image after bypassing the detector"
-        ),
-        "device": str(model.device),
-        "torch_threads": torch.get_num_threads(),
-    }
+    normal_scores = scores_of("normals", b.normals)
+    per_type: dict[str, Any] = {}
+    for key, imgs in b.sets.items():
+        s = np.concatenate([scores_of(key, imgs), np.full(b.refused.get(key, 0), np.inf)])
+        per_type[key] = detection_metrics(normal_scores, s, scorer.threshold)
+        advance(1)
+    for key, imgs in b.forced.items():
+        m = detection_metrics(normal_scores, scores_of(f"forced:{key}", imgs), scorer.threshold)
+        per_type[key].update({f"{k}_forced": v for k, v in m.items() if k in ("auroc", "aupr", "f1", "tpr")})
+        advance(1)
+    return per_type, 1000 * score_s / max(n_scored, 1), float((normal_scores > scorer.threshold).mean())
 
 
 def _time_features(extractor: FeatureExtractor, images: torch.Tensor) -> float:
