@@ -520,34 +520,17 @@ def evaluate(
     progress: Annotated[Switch, typer.Option(help="Progress bars on stderr.")] = True,
 ) -> None:
     """Measure quality (FID/KID, fundus FD) and control (MIG, ACM); write REPORT.json + REPORT.md."""
-    from retinagen.generation import default_factor_map_path, resolve_checkpoint
+    from retinagen.generation import resolve_checkpoint
     from retinagen.metrics.evaluate import evaluate_checkpoint
     from retinagen.metrics.fid import MetricUnavailable, resolve_inception_weights
-    from retinagen.training.checkpoint import sha256_file
 
     wanted = _parse_metrics(metrics, KNOWN_METRICS)
     if no_cache and stats_cache is not None:
         _usage_error("--stats-cache and --no-cache exclude each other")
     tensor_path = resolve_checkpoint(checkpoint)
-    if data is None:
-        data = _training_data_of(tensor_path)
-        if data is None:
-            _usage_error(
-                f"--data DS.zip is needed: the data {tensor_path.name} was trained on is not on disk "
-                "(make a ZIP with `retinagen prepare`, or `retinagen synth` + prepare)"
-            )
-        typer.echo(f"--data not given: comparing with the checkpoint's training data {data}")
+    data = data if data is not None else _default_evaluation_data(tensor_path)
     if factors is None and ("acm" in wanted or top_factors > 0):
-        candidate = default_factor_map_path(tensor_path)
-        if candidate.is_file():
-            from retinagen.factor_map import load_factor_map
-
-            if load_factor_map(candidate).get("checkpoint_sha256") == sha256_file(tensor_path):
-                factors = candidate
-                typer.echo(f"using the factor map {candidate}")
-            else:
-                typer.echo(f"{candidate} was discovered on another checkpoint: discovering factors afresh "
-                           "(pass --factors to use it anyway)")
+        factors = _default_factor_map(tensor_path)
     if "fid" in wanted or "kid" in wanted:
         try:
             resolve_inception_weights(inception_weights)
@@ -589,6 +572,35 @@ def evaluate(
     if fm and (report.get("factor_map") or {}).get("discovered_now"):
         typer.echo(f"factor map discovered now: {out.parent / fm}")
     typer.echo(f"wrote {out} and {md} (images in {out.parent / (out.stem + '_files')})")
+
+
+def _default_evaluation_data(tensor_path: Path) -> Path:
+    """The ZIP the checkpoint was trained on, when it is on disk; else a usage error asking for --data."""
+    data = _training_data_of(tensor_path)
+    if data is None:
+        _usage_error(
+            f"--data DS.zip is needed: the data {tensor_path.name} was trained on is not on disk "
+            "(make a ZIP with `retinagen prepare`, or `retinagen synth` + prepare)"
+        )
+    typer.echo(f"--data not given: comparing with the checkpoint's training data {data}")
+    return data
+
+
+def _default_factor_map(tensor_path: Path) -> Path | None:
+    """RUN/factors.json when it was discovered on this checkpoint; None (discover afresh) otherwise."""
+    from retinagen.factor_map import load_factor_map
+    from retinagen.generation import default_factor_map_path
+    from retinagen.training.checkpoint import sha256_file
+
+    candidate = default_factor_map_path(tensor_path)
+    if not candidate.is_file():
+        return None
+    if load_factor_map(candidate).get("checkpoint_sha256") == sha256_file(tensor_path):
+        typer.echo(f"using the factor map {candidate}")
+        return candidate
+    typer.echo(f"{candidate} was discovered on another checkpoint: discovering factors afresh "
+               "(pass --factors to use it anyway)")
+    return None
 
 
 @app.command()
