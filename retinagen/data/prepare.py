@@ -55,7 +55,7 @@ import signal
 import time
 import zipfile
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -537,31 +537,13 @@ def prepare_dataset(
             with progress_bar(
                 len(records), f"prepare {label or dataset} {resolution}px", unit="img", enabled=progress
             ) as bar:
-                for outcomes in _outcomes(_chunks(records, chunk), settings, n_workers):
-                    for index, png, reason, warns, side in outcomes:
-                        rec = records[index]
-                        warnings.extend((rec.key, w) for w in warns)
-                        if png is None:
-                            rejected.append(
-                                Rejected(rec.key, _safe_reason(reason or "unknown error", rec, data_root))
-                            )
-                            continue
-                        name = member_name(len(kept))
-                        info = zipfile.ZipInfo(name, date_time=_ZIP_TIME)
-                        info.compress_type = zipfile.ZIP_STORED
-                        info.external_attr = 0o644 << 16
-                        zf.writestr(info, png)
-                        kept.append((name, index))
-                        if side is not None:
-                            eyes_found[index] = side
-                    bar.advance(len(outcomes))
+                _write_outcomes(zf, records, _outcomes(_chunks(records, chunk), settings, n_workers), data_root,
+                                kept, eyes_found, rejected, warnings, bar.advance)
             proc_s = time.perf_counter() - t_proc
             meta = _dataset_json(dataset, scan, records, splits, kept, eyes_found, resolution)
             if kept:
-                info = zipfile.ZipInfo("dataset.json", date_time=_ZIP_TIME)
-                info.compress_type = zipfile.ZIP_DEFLATED
-                info.external_attr = 0o644 << 16
-                zf.writestr(info, json.dumps(meta, indent=None, separators=(",", ":")).encode("utf-8"))
+                _add_member(zf, "dataset.json", json.dumps(meta, indent=None, separators=(",", ":")).encode("utf-8"),
+                            zipfile.ZIP_DEFLATED)
         images_per_s = len(records) / proc_s if proc_s > 0 else 0.0
         label_counts = dict(
             sorted(Counter(records[i].label for _, i in kept if records[i].label is not None).items())
@@ -607,6 +589,42 @@ def prepare_dataset(
         elapsed_s=elapsed,
         images_per_s=images_per_s,
     )
+
+
+def _add_member(zf: zipfile.ZipFile, name: str, data: bytes, compress: int) -> None:
+    """One member with a fixed time stamp and mode, so the same inputs give the same ZIP bytes."""
+    info = zipfile.ZipInfo(name, date_time=_ZIP_TIME)
+    info.compress_type = compress
+    info.external_attr = 0o644 << 16
+    zf.writestr(info, data)
+
+
+def _write_outcomes(
+    zf: zipfile.ZipFile,
+    records: Sequence[Any],
+    outcomes: Iterator[list[_Outcome]],
+    data_root: Path,
+    kept: list[tuple[str, int]],
+    eyes_found: dict[int, str],
+    rejected: list[Rejected],
+    warnings: list[tuple[str, str]],
+    advance: Callable[[int], None],
+) -> None:
+    """Store every prepared image as the next member (in record order) and note every rejected one with a reason
+    that names no path outside the data root; ``kept``, ``eyes_found``, ``rejected`` and ``warnings`` grow."""
+    for chunk_outcomes in outcomes:
+        for index, png, reason, warns, side in chunk_outcomes:
+            rec = records[index]
+            warnings.extend((rec.key, w) for w in warns)
+            if png is None:
+                rejected.append(Rejected(rec.key, _safe_reason(reason or "unknown error", rec, data_root)))
+                continue
+            name = member_name(len(kept))
+            _add_member(zf, name, png, zipfile.ZIP_STORED)
+            kept.append((name, index))
+            if side is not None:
+                eyes_found[index] = side
+        advance(len(chunk_outcomes))
 
 
 def _dataset_json(
