@@ -254,22 +254,12 @@ def _parse_grade(text: str) -> int | None:
     return v
 
 
-def load_synthetic_folder(folder: str | Path, *, check_images: bool = True, progress: bool = True) -> SyntheticSet:
-    """Read ``folder/manifest.csv`` and keep the rows that are usable training data.
-
-    Skipped (listed with the reason, never fatal): a row whose field count differs from the header,
-    an empty / absolute / escaping file name, a duplicate file, a missing, non-integer or out-of-range
-    grade (``level`` and ``grade`` both present and different, too), ``synthetic`` other than 1 (a
-    real image must not slip into the synthetic arm), and, with ``check_images``, a file that is
-    missing, unreadable, not RGB-decodable or not square.
-
-    Raises `BadInputError` when the folder or manifest is missing or unreadable, the header lacks
-    ``file`` or a grade column, or no row is usable.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise BadInputError(folder, "synthetic folder does not exist (make one with `retinagen rebalance`)")
-    manifest = folder / "manifest.csv"
+def _read_manifest(
+    manifest: Path,
+) -> tuple[list[str], list[str], dict[str, int], list[tuple[int, list[str]]], list[dict[str, Any]]]:
+    """The manifest's columns, its grade columns, their positions, the non-blank rows with their line numbers, and
+    the skip entry of a CSV error part-way (the rows before it are kept). Refuses a missing, oversized,
+    undecodable manifest, or one whose header lacks ``file`` or a grade column."""
     if not manifest.is_file():
         raise BadInputError(manifest, "no manifest.csv in the synthetic folder (it lists file, level, synthetic=1, ...)")
     if manifest.stat().st_size > _MAX_MANIFEST_BYTES:
@@ -291,20 +281,8 @@ def load_synthetic_folder(folder: str | Path, *, check_images: bool = True, prog
     label_cols = [c for c in _LABEL_COLUMNS if c in cols]
     if not label_cols:
         raise BadInputError(manifest, "header has no 'level' or 'grade' column")
-    pos = {c: cols.index(c) for c in cols}
-
-    paths: list[Path] = []
-    labels: list[int] = []
-    sha: list[str] = []
-    skipped: list[dict[str, Any]] = []
-    seen: set[Path] = set()
-    named: set[Path] = set()  # every file a row names (kept or not), for the unlisted-PNG count
-    n_rows = 0
-
-    def skip(line: int, name: str, reason: str) -> None:
-        skipped.append({"line": line, "file": name, "reason": reason})
-
     rows: list[tuple[int, list[str]]] = []
+    skipped: list[dict[str, Any]] = []
     try:
         for row in reader:
             if not row or all(not c.strip() for c in row):
@@ -312,7 +290,78 @@ def load_synthetic_folder(folder: str | Path, *, check_images: bool = True, prog
             rows.append((reader.line_num, row))
     except csv.Error as exc:
         # A broken quote swallows the rest of the file: keep what came before, report the rest once.
-        skip(reader.line_num, "", f"malformed CSV from here on ({exc}); the remaining lines are ignored")
+        skipped.append({"line": reader.line_num, "file": "",
+                        "reason": f"malformed CSV from here on ({exc}); the remaining lines are ignored"})
+    return cols, label_cols, {c: cols.index(c) for c in cols}, rows, skipped
+
+
+def _check_row(folder: Path, name: str, row: list[str], cols: list[str], label_cols: list[str], pos: dict[str, int],
+               seen: set[Path], check_images: bool) -> tuple[int, Path] | str:
+    """(grade, path) of a usable manifest row, or the reason it is skipped."""
+    if len(row) != len(cols):
+        return f"malformed row: {len(row)} fields, the header has {len(cols)}"
+    grades = {}
+    for c in label_cols:
+        raw = row[pos[c]].strip()
+        if not raw:
+            grades[c] = ("missing", raw)
+            continue
+        g = _parse_grade(raw)
+        grades[c] = ("ok", g) if g is not None else ("malformed", raw)
+    bad = [(c, st, v) for c, (st, v) in grades.items() if st != "ok"]
+    if bad:
+        c, st, v = bad[0]
+        return f"{st} grade in column '{c}'" + (f": {v!r}" if st == "malformed" else "")
+    values = {v for _, v in grades.values()}
+    if len(values) > 1:
+        return "columns 'level' and 'grade' disagree"
+    grade = int(values.pop())
+    if not 0 <= grade < NUM_GRADES:
+        return f"grade {grade} outside 0-{NUM_GRADES - 1}"
+    if "synthetic" in pos and row[pos["synthetic"]].strip() not in ("1", "1.0", "true", "True", "yes"):
+        return (f"not marked synthetic=1 (got {row[pos['synthetic']].strip()!r}); real images "
+                "do not belong in the synthetic arm")
+    try:
+        path = resolve_inside(folder, name)
+    except BadInputError as exc:
+        return exc.reason
+    if path in seen:
+        return "duplicate row for a file already listed"
+    if check_images:
+        try:
+            img = decode_image(path).pixels
+        except BadInputError as exc:
+            return exc.reason
+        except Exception as exc:  # a decoder bug must not abort the job; its message may quote content
+            return f"internal error while reading: {type(exc).__name__}"
+        if img.ndim != 3 or img.shape[2] != 3 or img.shape[0] != img.shape[1]:
+            return f"image is {img.shape[1]} x {img.shape[0]}, expected a square RGB image"
+    return grade, path
+
+
+def load_synthetic_folder(folder: str | Path, *, check_images: bool = True, progress: bool = True) -> SyntheticSet:
+    """Read ``folder/manifest.csv`` and keep the rows that are usable training data.
+
+    Skipped (listed with the reason, never fatal): a row whose field count differs from the header,
+    an empty / absolute / escaping file name, a duplicate file, a missing, non-integer or out-of-range
+    grade (``level`` and ``grade`` both present and different, too), ``synthetic`` other than 1 (a
+    real image must not slip into the synthetic arm), and, with ``check_images``, a file that is
+    missing, unreadable, not RGB-decodable or not square.
+
+    Raises `BadInputError` when the folder or manifest is missing or unreadable, the header lacks
+    ``file`` or a grade column, or no row is usable.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BadInputError(folder, "synthetic folder does not exist (make one with `retinagen rebalance`)")
+    manifest = folder / "manifest.csv"
+    cols, label_cols, pos, rows, skipped = _read_manifest(manifest)
+    paths: list[Path] = []
+    labels: list[int] = []
+    sha: list[str] = []
+    seen: set[Path] = set()
+    named: set[Path] = set()  # every file a row names (kept or not), for the unlisted-PNG count
+    n_rows = 0
 
     with progress_bar(len(rows), "check synthetic images", enabled=progress and check_images) as bar:
         for line, row in rows:
@@ -321,54 +370,11 @@ def load_synthetic_folder(folder: str | Path, *, check_images: bool = True, prog
             name = row[pos["file"]].strip() if len(row) > pos["file"] else ""
             with contextlib.suppress(BadInputError):
                 named.add(resolve_inside(folder, name))
-            if len(row) != len(cols):
-                skip(line, name, f"malformed row: {len(row)} fields, the header has {len(cols)}")
+            checked = _check_row(folder, name, row, cols, label_cols, pos, seen, check_images)
+            if isinstance(checked, str):
+                skipped.append({"line": line, "file": name, "reason": checked})
                 continue
-            grades = {}
-            for c in label_cols:
-                raw = row[pos[c]].strip()
-                if not raw:
-                    grades[c] = ("missing", raw)
-                    continue
-                g = _parse_grade(raw)
-                grades[c] = ("ok", g) if g is not None else ("malformed", raw)
-            bad = [(c, st, v) for c, (st, v) in grades.items() if st != "ok"]
-            if bad:
-                c, st, v = bad[0]
-                skip(line, name, f"{st} grade in column '{c}'" + (f": {v!r}" if st == "malformed" else ""))
-                continue
-            values = {v for _, v in grades.values()}
-            if len(values) > 1:
-                skip(line, name, "columns 'level' and 'grade' disagree")
-                continue
-            grade = int(values.pop())
-            if not 0 <= grade < NUM_GRADES:
-                skip(line, name, f"grade {grade} outside 0-{NUM_GRADES - 1}")
-                continue
-            if "synthetic" in pos and row[pos["synthetic"]].strip() not in ("1", "1.0", "true", "True", "yes"):
-                skip(line, name, f"not marked synthetic=1 (got {row[pos['synthetic']].strip()!r}); real images "
-                                 "do not belong in the synthetic arm")
-                continue
-            try:
-                path = resolve_inside(folder, name)
-            except BadInputError as exc:
-                skip(line, name, exc.reason)
-                continue
-            if path in seen:
-                skip(line, name, "duplicate row for a file already listed")
-                continue
-            if check_images:
-                try:
-                    img = decode_image(path).pixels
-                except BadInputError as exc:
-                    skip(line, name, exc.reason)
-                    continue
-                except Exception as exc:  # a decoder bug must not abort the job; its message may quote content
-                    skip(line, name, f"internal error while reading: {type(exc).__name__}")
-                    continue
-                if img.ndim != 3 or img.shape[2] != 3 or img.shape[0] != img.shape[1]:
-                    skip(line, name, f"image is {img.shape[1]} x {img.shape[0]}, expected a square RGB image")
-                    continue
+            grade, path = checked
             seen.add(path)
             paths.append(path)
             labels.append(grade)

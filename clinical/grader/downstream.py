@@ -206,34 +206,8 @@ def run_downstream(
     samples: dict[str, dict[str, np.ndarray]] = {}
     dev_name = ""
     for arm in ARMS:
-        data = arm_data[arm]
-        grader = train_grader(data, cfg, seed=seed, progress=progress, description=f"train {arm}")
-        dev_name = str(grader.device)
-        proba = _predict_dataset(grader, test, cfg, progress, f"test {arm}")
-        metrics, samples[arm] = evaluate_predictions(y_test, proba, indices=indices, level=level)
-        png_name = f"confusion-{arm}.png"
-        title = f"{ARM_TITLES[arm]}: QWK {_fmt(metrics['qwk'])}"
-        atomic_write_bytes(files / png_name, confusion_png(metrics["confusion_matrix"], title))
-        tr = grader.meta["training"]
-        entry: dict[str, Any] = {
-            "n_train": tr["n_images"],
-            "n_train_real": tr["n_real"],
-            "n_train_synthetic": tr["n_synthetic"],
-            "train_counts": tr["counts"],
-            "epochs": tr["epochs"],
-            "train_seconds": tr["seconds"],
-            "train_cpu_seconds": tr["cpu_seconds"],
-            "final_loss": tr["final_loss"],
-            "metrics": metrics,
-            "confusion_png": f"{files.name}/{png_name}",
-        }
-        if save_graders:
-            grader.meta["trained_on"] = {"arm": arm, "real": Path(real_zip).name, "real_fingerprint": real.fingerprint(),
-                                         "synthetic": synth.folder.name}
-            saved = save_grader(grader, out_dir / "graders" / arm)
-            entry["grader_file"] = str(saved.relative_to(out_dir))
-        arms[arm] = entry
-        del grader
+        arms[arm], samples[arm], dev_name = _run_arm(arm, arm_data[arm], test, cfg, seed, indices, level, files,
+                                                     out_dir if save_graders else None, real_zip, real, synth, progress)
 
     for arm in ARMS[1:]:
         a, r = arms[arm]["metrics"], arms["real_only"]["metrics"]
@@ -242,16 +216,7 @@ def run_downstream(
             for name in ("qwk", "balanced_accuracy", "auroc_referable")
         }
 
-    notes = [
-        "Synthetic images must come from a generator trained on the real training split only "
-        "(`retinagen train` uses the ZIP's train split by default); a generator that saw test images would leak them.",
-        "Every arm starts from the same initial weights and trains for the same number of steps and batch size, "
-        "so the arms differ only in their training images.",
-    ]
-    if split.dropped_for_leakage:
-        notes.append(f"{split.dropped_for_leakage} training images were dropped: their patient is in the test set.")
-    if synth.unlisted:
-        notes.append(f"{synth.unlisted} PNG files in the synthetic folder are not in manifest.csv and were ignored.")
+    notes = _notes(split, synth)
     report: dict[str, Any] = {
         "format": REPORT_FORMAT,
         "version": REPORT_VERSION,
@@ -282,3 +247,49 @@ def run_downstream(
     atomic_write_json(json_path, report)
     atomic_write_text(json_path.with_suffix(".md"), render_markdown(report))
     return report
+
+
+def _run_arm(arm: str, data: GradedImages, test: GradedImages, cfg: GraderConfig, seed: int, indices: np.ndarray,
+             level: float, files: Path, graders_dir: Path | None, real_zip: str | Path, real: ZipImageDataset,
+             synth: Any, progress: bool) -> tuple[dict[str, Any], dict[str, np.ndarray], str]:
+    """Train one arm's grader, test it, draw its confusion matrix and (with ``graders_dir``) save it: its report
+    entry, its bootstrap samples (for the paired differences) and the device it trained on."""
+    grader = train_grader(data, cfg, seed=seed, progress=progress, description=f"train {arm}")
+    proba = _predict_dataset(grader, test, cfg, progress, f"test {arm}")
+    metrics, samples = evaluate_predictions(test.labels, proba, indices=indices, level=level)
+    png_name = f"confusion-{arm}.png"
+    title = f"{ARM_TITLES[arm]}: QWK {_fmt(metrics['qwk'])}"
+    atomic_write_bytes(files / png_name, confusion_png(metrics["confusion_matrix"], title))
+    tr = grader.meta["training"]
+    entry: dict[str, Any] = {
+        "n_train": tr["n_images"],
+        "n_train_real": tr["n_real"],
+        "n_train_synthetic": tr["n_synthetic"],
+        "train_counts": tr["counts"],
+        "epochs": tr["epochs"],
+        "train_seconds": tr["seconds"],
+        "train_cpu_seconds": tr["cpu_seconds"],
+        "final_loss": tr["final_loss"],
+        "metrics": metrics,
+        "confusion_png": f"{files.name}/{png_name}",
+    }
+    if graders_dir is not None:
+        grader.meta["trained_on"] = {"arm": arm, "real": Path(real_zip).name, "real_fingerprint": real.fingerprint(),
+                                     "synthetic": synth.folder.name}
+        saved = save_grader(grader, graders_dir / "graders" / arm)
+        entry["grader_file"] = str(saved.relative_to(graders_dir))
+    return entry, samples, str(grader.device)
+
+
+def _notes(split: Any, synth: Any) -> list[str]:
+    notes = [
+        "Synthetic images must come from a generator trained on the real training split only "
+        "(`retinagen train` uses the ZIP's train split by default); a generator that saw test images would leak them.",
+        "Every arm starts from the same initial weights and trains for the same number of steps and batch size, "
+        "so the arms differ only in their training images.",
+    ]
+    if split.dropped_for_leakage:
+        notes.append(f"{split.dropped_for_leakage} training images were dropped: their patient is in the test set.")
+    if synth.unlisted:
+        notes.append(f"{synth.unlisted} PNG files in the synthetic folder are not in manifest.csv and were ignored.")
+    return notes
