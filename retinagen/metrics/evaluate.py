@@ -274,6 +274,24 @@ def _model_and_data(model: Any, dataset: Any, data_zip: Path, fingerprint: str) 
     }
 
 
+# The evaluation options REPORT.json's ``settings`` records, in this order.
+_RECORDED_OPTIONS = ("acm_n", "acm_steps", "discovery_n", "discovery_steps", "mig_bins", "factor_bins",
+                     "encoder_epochs", "encoder_min_steps", "encoder_max_images")
+
+
+def _stats_cache(stats_cache: str | Path | None | bool, files: Path) -> tuple[Any, Path]:
+    """(cache, folder the encoder and statistics go to): the statistics cache, or none (False) with the
+    report's image folder holding a trained encoder."""
+    if stats_cache is False:
+        cache_root = files
+        cache: Any = False
+    else:
+        store = StatsCache(None if stats_cache is None or stats_cache is True else stats_cache)
+        cache, cache_root = store, store.root
+    cache_root.mkdir(parents=True, exist_ok=True)
+    return cache, cache_root
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     data_zip: str | Path,
@@ -356,13 +374,7 @@ def evaluate_checkpoint(
     timed("load", t0)
     n_gen = n_samples if n_samples is not None else min(len(dataset), _MAX_DEFAULT_SAMPLES)
     n_gen = max(n_gen, 2)
-    if stats_cache is False:
-        cache: Any = False
-        cache_root = files
-    else:
-        store = StatsCache(None if stats_cache is None or stats_cache is True else stats_cache)
-        cache, cache_root = store, store.root
-    cache_root.mkdir(parents=True, exist_ok=True)
+    cache, cache_root = _stats_cache(stats_cache, files)
 
     ev = _Evaluation(
         model=model, dataset=dataset, real=real, data_zip=data_zip, n_gen=n_gen, repeats=repeats, seed=seed,
@@ -404,15 +416,7 @@ def evaluate_checkpoint(
             "n_samples": n_gen,
             "repeats": repeats,
             "seed": seed,
-            "acm_n": acm_n,
-            "acm_steps": acm_steps,
-            "discovery_n": discovery_n,
-            "discovery_steps": discovery_steps,
-            "mig_bins": mig_bins,
-            "factor_bins": factor_bins,
-            "encoder_epochs": encoder_epochs,
-            "encoder_min_steps": encoder_min_steps,
-            "encoder_max_images": encoder_max_images,
+            **{k: ev.options[k] for k in _RECORDED_OPTIONS},
             "batch_size": batch_size,
             "device": str(device),
         },
