@@ -841,15 +841,54 @@ def render_fundus(factors: FundusFactors, resolution: int) -> np.ndarray:
     res = _check_resolution(resolution)
     f = factors
     x, y, rad, map_x, map_y = _grid(res)
-    px = 0.5 * res
     disc_a, macula_a, s = _anatomy(f)
     # Python floats, not numpy float64 scalars: those would promote the float32 maps to float64.
     dx_, dy_ = float(disc_a[0]), float(disc_a[1])
     mx_, my_ = float(macula_a[0]), float(macula_a[1])
-    side = f.side
     rng = np.random.default_rng([f.texture_seed, 1])
     tu = [float(v) for v in rng.random(4)]
 
+    img = _paint_background(f, res, rng, x, y, rad, map_x, map_y, s, (dx_, dy_), (mx_, my_))
+    rdx, rdy = _paint_disc(img, f, res, x, y, s, (dx_, dy_), tu)
+    # Vessels (on top of the disc): veins darker and wider than arteries.
+    art, ven = _draw_vessels(_vessel_polylines(f, res), res)
+    if res >= 128:
+        art = cv2.GaussianBlur(art, (3, 3), 0)
+        ven = cv2.GaussianBlur(ven, (3, 3), 0)
+    contrast = (0.45 + 0.55 * f.vessel_contrast) / 255.0
+    img *= 1.0 - ven.astype(np.float32)[..., None] * (contrast * _VEIN_ABSORB)
+    img *= 1.0 - art.astype(np.float32)[..., None] * (contrast * _ARTERY_ABSORB)
+
+    # DR lesions.
+    lesions = _draw_lesions(f, res)
+    if lesions is not None:
+        red, yellow, pale = (c.astype(np.float32) * np.float32(1 / 255.0) for c in lesions)
+        img *= 1.0 - red[..., None] * _RED_LESION_ABSORB
+        img = img * (1.0 - yellow[..., None]) + _EXUDATE * yellow[..., None]
+        pale *= 0.7
+        img = img * (1.0 - pale[..., None]) + _COTTON_WOOL * pale[..., None]
+
+    # Exposure, straight into 8-bit scale.
+    img *= 255.0 * (0.6 + 0.85 * f.brightness)
+
+    if f.glare > 0:
+        _paint_glare(img, f, rng, x, y, rad, s, (dx_, dy_), (mx_, my_), (rdx, rdy))
+
+    # Sensor noise, then black outside the field of view.
+    img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(0.008 * 255.0)
+    img += 0.5  # round, not truncate, in the uint8 cast
+    img *= _fov_mask(f, res)[..., None]
+    np.clip(img, 0.0, 255.0, out=img)
+    return img.astype(np.uint8)
+
+
+def _paint_background(f: FundusFactors, res: int, rng: np.random.Generator, x: np.ndarray, y: np.ndarray,
+                      rad: np.ndarray, map_x: np.ndarray, map_y: np.ndarray, s: float, disc: tuple[float, float],
+                      macula: tuple[float, float]) -> np.ndarray:
+    """Float32 RGB [R, R, 3] of the fundus background: pigment colour and blotches, choroidal pattern,
+    illumination and vignetting, macula and fovea (draws from ``rng`` in a fixed order)."""
+    dx_, dy_ = disc
+    mx_, my_ = macula
     # Background: pigmentation sets the colour, with slow colour blotches. Everything else that does
     # not depend on the channel is gathered into one luminance map ``lum`` first (fewer RGB passes).
     base = _LIGHT + (_DARK - _LIGHT) * np.float32(f.pigmentation)
@@ -891,7 +930,15 @@ def render_fundus(factors: FundusFactors, resolution: int) -> np.ndarray:
         - mac[bi, bj, None] * np.array([0.26, 0.45, 0.38], np.float32)
         - fovea[bi, bj, None] * np.array([0.10, 0.15, 0.12], np.float32)
     )
+    return img
 
+
+def _paint_disc(img: np.ndarray, f: FundusFactors, res: int, x: np.ndarray, y: np.ndarray, s: float,
+               disc: tuple[float, float], tu: list[float]) -> tuple[float, float]:
+    """Paint the optic disc into ``img`` in place; returns its radii (x, y) in model units."""
+    dx_, dy_ = disc
+    px = 0.5 * res
+    side = f.side
     # Optic disc: a bright yellowish, slightly tall ellipse with a paler cup offset temporally and a
     # faint bright halo; computed in the disc's bounding box only.
     rdx, rdy = (0.095 + 0.025 * tu[0]) * s, (0.105 + 0.025 * tu[0]) * s
@@ -910,50 +957,31 @@ def render_fundus(factors: FundusFactors, resolution: int) -> np.ndarray:
     disc_col *= (1.0 - 0.08 * np.clip((xb - dx_) * (side / rdx), -1.0, 1.0))[..., None]
     patch = img[bi, bj]
     img[bi, bj] = patch * (1.0 - m_disc + 0.25 * halo)[..., None] + disc_col * m_disc[..., None]
+    return rdx, rdy
 
-    # Vessels (on top of the disc): veins darker and wider than arteries.
-    art, ven = _draw_vessels(_vessel_polylines(f, res), res)
-    if res >= 128:
-        art = cv2.GaussianBlur(art, (3, 3), 0)
-        ven = cv2.GaussianBlur(ven, (3, 3), 0)
-    contrast = (0.45 + 0.55 * f.vessel_contrast) / 255.0
-    img *= 1.0 - ven.astype(np.float32)[..., None] * (contrast * _VEIN_ABSORB)
-    img *= 1.0 - art.astype(np.float32)[..., None] * (contrast * _ARTERY_ABSORB)
 
-    # DR lesions.
-    lesions = _draw_lesions(f, res)
-    if lesions is not None:
-        red, yellow, pale = (c.astype(np.float32) * np.float32(1 / 255.0) for c in lesions)
-        img *= 1.0 - red[..., None] * _RED_LESION_ABSORB
-        img = img * (1.0 - yellow[..., None]) + _EXUDATE * yellow[..., None]
-        pale *= 0.7
-        img = img * (1.0 - pale[..., None]) + _COTTON_WOOL * pale[..., None]
-
-    # Exposure, straight into 8-bit scale.
-    img *= 255.0 * (0.6 + 0.85 * f.brightness)
-
+def _paint_glare(img: np.ndarray, f: FundusFactors, rng: np.random.Generator, x: np.ndarray, y: np.ndarray,
+                rad: np.ndarray, s: float, disc: tuple[float, float], macula: tuple[float, float],
+                disc_r: tuple[float, float]) -> None:
+    """Add glare in place (not scaled by exposure)."""
+    dx_, dy_ = disc
+    mx_, my_ = macula
+    rdx, rdy = disc_r
+    side = f.side
     # Glare (not scaled by exposure): a hazy crescent at the rim plus specular spots on the disc,
     # the foveal reflex, and one broad haze patch.
-    if f.glare > 0:
-        gu = [float(v) for v in rng.random(6)]
-        ca, sa = math.cos(2 * math.pi * gu[0]), math.sin(2 * math.pi * gu[0])
-        ang_w = (x * ca + y * sa) / np.maximum(rad, 1e-6) * 0.5 + 0.5  # cos(angle to the glare side)
-        t = (f.fov_radius - rad) * (1.0 / (0.12 * s))
-        haze = np.exp(-(t * t)) * ang_w**3 * 1.0
-        _gauss_into(haze, x, y, dx_ - side * 0.3 * rdx, dy_ + 0.1 * rdy, 0.035 * s, 1.1)
-        _gauss_into(haze, x, y, mx_, my_, 0.012 * s, 0.55)
-        a = 2 * math.pi * gu[1]
-        r_spot = (0.3 + 0.4 * gu[2]) * s
-        _gauss_into(haze, x, y, math.cos(a) * r_spot, math.sin(a) * r_spot, 0.16 * s, 0.5)
-        haze *= 255.0 * f.glare
-        img += haze[..., None] * _GLARE
-
-    # Sensor noise, then black outside the field of view.
-    img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(0.008 * 255.0)
-    img += 0.5  # round, not truncate, in the uint8 cast
-    img *= _fov_mask(f, res)[..., None]
-    np.clip(img, 0.0, 255.0, out=img)
-    return img.astype(np.uint8)
+    gu = [float(v) for v in rng.random(6)]
+    ca, sa = math.cos(2 * math.pi * gu[0]), math.sin(2 * math.pi * gu[0])
+    ang_w = (x * ca + y * sa) / np.maximum(rad, 1e-6) * 0.5 + 0.5  # cos(angle to the glare side)
+    t = (f.fov_radius - rad) * (1.0 / (0.12 * s))
+    haze = np.exp(-(t * t)) * ang_w**3 * 1.0
+    _gauss_into(haze, x, y, dx_ - side * 0.3 * rdx, dy_ + 0.1 * rdy, 0.035 * s, 1.1)
+    _gauss_into(haze, x, y, mx_, my_, 0.012 * s, 0.55)
+    a = 2 * math.pi * gu[1]
+    r_spot = (0.3 + 0.4 * gu[2]) * s
+    _gauss_into(haze, x, y, math.cos(a) * r_spot, math.sin(a) * r_spot, 0.16 * s, 0.5)
+    haze *= 255.0 * f.glare
+    img += haze[..., None] * _GLARE
 
 
 def _check_resolution(resolution: int) -> int:
