@@ -261,19 +261,22 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _agree_on_stopping(budget_hit: bool, flag: _StopFlag, device: torch.device) -> bool:
+def _agree_on_stopping(budget_hit: bool, flag: _StopFlag, device: torch.device) -> tuple[bool, bool]:
     """Multi-process runs: each process's own clock and signals, combined (max) over all of them.
 
     A time budget is measured by each process's clock and a signal may reach one process only (a `kill`
     of one PID, a scheduler that signals only the first task): a process that left the loop alone would
-    leave the others waiting in the next gradient all_reduce. Returns whether any process's budget is
-    spent, and marks ``flag`` stopped (with the signal) if any process was signalled."""
-    signum = float(flag.signum or 0) if flag.stop else 0.0
-    t = torch.tensor([float(budget_hit), signum, float(flag.stop)], device=device)
+    leave the others waiting in the next gradient all_reduce. Returns (any process's budget is spent, any
+    process was signalled) as agreed at this step, and marks ``flag`` stopped (with the signal) in the second
+    case. The caller must act on the returned decision, not on ``flag.stop`` read later: a signal that lands
+    after the all_reduce would otherwise stop this process one step before the others (a deadlock)."""
+    stop = flag.stop
+    signum = float(flag.signum or 0) if stop else 0.0
+    t = torch.tensor([float(budget_hit), signum, float(stop)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     if t[2] > 0 and not flag.stop:
         flag.stop, flag.signum = True, int(t[1]) or None
-    return bool(t[0] > 0)
+    return bool(t[0] > 0), bool(t[2] > 0)
 
 
 def threading_main() -> bool:
@@ -872,20 +875,22 @@ def train(
             done = trainer.images_seen >= total_images
             budget_hit = not done and budget_s is not None and trainer.elapsed_train_seconds() >= budget_s
             if d.world > 1:  # every process leaves at the same step, or the others wait in an all_reduce
-                budget_hit = _agree_on_stopping(budget_hit, flag, trainer.device)
+                budget_hit, stop_now = _agree_on_stopping(budget_hit, flag, trainer.device)
+            else:
+                stop_now = flag.stop  # read once: a signal from here on is acted on after the next step
             if budget_hit:
                 done = budget_reached = True
             if d.main and (trainer.images_seen >= next_sample or done):
                 trainer.save_samples()
                 next_sample = (trainer.images_seen // sample_every + 1) * sample_every
-            if trainer.images_seen >= next_snapshot or done or flag.stop:
+            if trainer.images_seen >= next_snapshot or done or stop_now:
                 if d.main:
                     last_ck = trainer.save()
-                    if snapshot_score is not None and not flag.stop:
+                    if snapshot_score is not None and not stop_now:
                         best_fd = _score_snapshot(trainer, snapshot_score, last_ck, zip_path, metrics_path,
                                                   writer, best_fd)
                 next_snapshot = (trainer.images_seen // snapshot_every + 1) * snapshot_every
-            if flag.stop:
+            if stop_now:
                 stopped = True
                 break
             if budget_reached:

@@ -512,3 +512,23 @@ def test_reused_fakes_are_one_g_forward_with_the_same_update(synth_zip_16: Path,
     start = Trainer(cfg_plain, tmp_path / "c", log=False).G.parameters()
     moved = max(float((a.detach() - b.detach()).abs().max()) for a, b in zip(reuse.G.parameters(), start, strict=True))
     assert moved > 1e-4  # G did take a step
+
+
+def test_the_stop_decision_is_the_one_agreed_at_the_all_reduce(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signal landing just after the step's agreement must not stop this process alone (the others would
+    wait in the next all_reduce): the decision returned is the agreed one, the flag carries the signal on."""
+    import signal
+
+    import retinagen.training.loop as loop
+
+    flag = loop._StopFlag()
+
+    def all_reduce_then_signal(t: torch.Tensor, op: Any = None) -> None:
+        flag.stop, flag.signum = True, int(signal.SIGTERM)  # the signal arrives right after the reduce
+
+    monkeypatch.setattr(loop.dist, "all_reduce", all_reduce_then_signal)
+    budget_hit, stop_now = loop._agree_on_stopping(False, flag, torch.device("cpu"))
+    assert (budget_hit, stop_now) == (False, False)
+    assert flag.stop  # acted on at the next step's agreement, by every process together
+    monkeypatch.setattr(loop.dist, "all_reduce", lambda t, op=None: None)
+    assert loop._agree_on_stopping(False, flag, torch.device("cpu")) == (False, True)
