@@ -434,7 +434,7 @@ def rebalance(
         **base_report,
         "complete": True,
         "target_met": not any(shortfall),
-        **_counts_report(real, need, max_tries, tally),
+        **_counts_report(real, need, max_tries, tally, shortfall),
         "gate": None if grader is None else {"grader": grader_ident, "threshold": float(gate_threshold),
                                              "max_tries_factor": float(max_tries_factor),
                                              "rejected": sum(tally.rejected), "tries": sum(tally.tries),
@@ -627,7 +627,8 @@ def _generate(job: _Rebalancer, tally: _Tally, need: Sequence[int], max_tries: S
     return time.perf_counter() - t_gen
 
 
-def _counts_report(real: Sequence[int], need: Sequence[int], max_tries: Sequence[int], tally: _Tally) -> dict[str, Any]:
+def _counts_report(real: Sequence[int], need: Sequence[int], max_tries: Sequence[int], tally: _Tally,
+                   shortfall: Sequence[int]) -> dict[str, Any]:
     after = [r + kept for r, kept in zip(real, tally.kept, strict=True)]
     rates = tally.rates()
     return {
@@ -641,7 +642,7 @@ def _counts_report(real: Sequence[int], need: Sequence[int], max_tries: Sequence
             {
                 "grade": g, "real": real[g], "requested": need[g], "generated": tally.kept[g], "tries": tally.tries[g],
                 "max_tries": max_tries[g], "rejected": tally.rejected[g], "rejection_rate": rates[g],
-                "shortfall": need[g] - tally.kept[g],
+                "shortfall": shortfall[g],
                 "mean_gate_prob": float(np.mean(tally.probs_kept[g])) if tally.probs_kept[g] else None,
             }
             for g in range(len(real))

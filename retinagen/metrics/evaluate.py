@@ -362,16 +362,11 @@ def evaluate_checkpoint(
     rel = files.name
     files.mkdir(parents=True, exist_ok=True)
 
-    timings: dict[str, float] = {}
-
-    def timed(name: str, t0: float) -> None:
-        timings[name] = round(time.perf_counter() - t0, 3)
-
     t0 = time.perf_counter()
     model = load_model(checkpoint, device)
     dataset = ZipImageDataset(data_zip)
     real = RealSource(dataset, f"{dataset.fingerprint()}:all", data_zip.name)
-    timed("load", t0)
+    timings = {"load": round(time.perf_counter() - t0, 3)}
     n_gen = n_samples if n_samples is not None else min(len(dataset), _MAX_DEFAULT_SAMPLES)
     n_gen = max(n_gen, 2)
     cache, cache_root = _stats_cache(stats_cache, files)
@@ -396,13 +391,13 @@ def evaluate_checkpoint(
     # ---- L_info curve, traversal grids ----
     t0 = time.perf_counter()
     linfo = linfo_section(run_dir_of(model.path), model.meta.get("step"), files, rel)
-    timed("linfo", t0)
+    ev.timed("linfo", t0)
     t0 = time.perf_counter()
     if top_factors > 0 and model.spec.n_codes > 0:
         grids = grids_section(model, fmap, top_factors, seed, files, rel, progress)
     else:
         grids = skipped("no latent codes" if model.spec.n_codes == 0 else "top_factors = 0")
-    timed("traversals", t0)
+    ev.timed("traversals", t0)
 
     from retinagen import __version__
 
