@@ -285,14 +285,14 @@ def _device(text: str) -> str:
 
 
 def _grade_probs(text: str) -> str:
-    from retinagen.data.synthetic import _check_grade_probs
+    from retinagen.data.synth_factors import check_grade_probs
 
     try:
         values = [float(x) for x in text.split(",")]
     except ValueError:
         raise ValueError("must be comma-separated numbers") from None
     try:
-        _check_grade_probs(values)
+        check_grade_probs(values)
     except RetinagenError as exc:
         raise ValueError(str(exc).replace("grade_probs ", "the grade probabilities ")) from None
     return text

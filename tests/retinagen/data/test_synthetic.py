@@ -11,6 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
+import retinagen.data.synth_factors as synth_factors
+import retinagen.data.synth_render as synth_render
 import retinagen.data.synthetic as synth
 from retinagen.data.synthetic import (
     DEFAULT_GRADE_PROBS,
@@ -116,7 +118,7 @@ def test_lesion_load_grows_with_grade() -> None:
 def test_fixing_grade_or_laterality_keeps_the_other_factors() -> None:
     a = sample_factors(np.random.default_rng(5), grade=0)
     b = sample_factors(np.random.default_rng(5), grade=4)
-    same = {f.name for f in fields(FundusFactors)} - {"grade", *synth._LESION_TYPES}
+    same = {f.name for f in fields(FundusFactors)} - {"grade", *synth_factors.LESION_TYPES}
     assert all(getattr(a, k) == getattr(b, k) for k in same)
 
 
@@ -187,7 +189,7 @@ def test_render_looks_like_a_fundus() -> None:
     cx, cy = (xs.mean() + 0.5) / 64 - 1, (ys.mean() + 0.5) / 64 - 1
     assert abs(cx - f.disc_x) < 0.1 and abs(cy - f.disc_y) < 0.1
     # The macula, temporal to the disc, is darker than the mid-periphery around it.
-    mx, my = synth._anatomy(f)[1]
+    mx, my = synth_render._anatomy(f)[1]
     px = lambda v: int((v + 1) * 64)  # noqa: E731
     macula = img[px(my) - 3 : px(my) + 4, px(mx) - 3 : px(mx) + 4, 1].mean()
     ring = img[px(my) - 25 : px(my) - 15, px(mx) - 5 : px(mx) + 5, 1].mean()
