@@ -15,7 +15,7 @@ LAYERS = ("core", "clinical", "interfaces", "apps")  # each may import only from
 
 
 def layer_of(module: str) -> str:
-    if module in INTERFACES:
+    if any(module == i or module.startswith(i + ".") for i in INTERFACES):  # a package's submodules too
         return "interfaces"
     top = module.split(".")[0]
     return {"retinagen": "core", "clinical": "clinical", "apps": "apps"}[top]
