@@ -20,7 +20,8 @@ def test_every_per_user_folder_the_product_uses_is_outside_the_real_home() -> No
     import torch
 
     from retinagen import dashboard_api as api
-    from retinagen.metrics.fid import _hub_checkpoints_dir, default_stats_cache_dir
+    from retinagen.metrics.extractors import _hub_checkpoints_dir
+    from retinagen.metrics.fid import default_stats_cache_dir
 
     fake = Path(os.environ["HOME"])
     assert not _inside(fake, REAL_HOME) and fake.name.startswith("retinagen-test-home-")

@@ -154,7 +154,7 @@ def test_inception_weights_that_would_run_code_never_reach_the_full_unpickler(
     The hash-prefix check is patched to accept the payload (an attacker can match 8 hex digits), so the
     restricted load is what must stop it.
     """
-    import retinagen.metrics.fid as fidmod
+    import retinagen.metrics.extractors as fidmod
 
     marker = tmp_path / "ran.txt"
     evil = _torch_save_payload(tmp_path / fidmod.INCEPTION_WEIGHTS_FILENAME, marker)

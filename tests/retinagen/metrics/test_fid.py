@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from retinagen.errors import RetinagenError
-from retinagen.metrics import fid as fidmod
+from retinagen.metrics import extractors as extmod
 from retinagen.metrics.fid import (
     FeatureExtractor,
     MetricUnavailable,
@@ -238,7 +238,7 @@ def test_dataset_features_do_not_depend_on_batch_size() -> None:
 # ===================================================================================== Inception weights
 @pytest.fixture
 def no_weights_anywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.delenv(fidmod.INCEPTION_ENV_VAR, raising=False)
+    monkeypatch.delenv(extmod.INCEPTION_ENV_VAR, raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     return tmp_path
 
@@ -251,7 +251,7 @@ def test_missing_inception_weights_message_names_all_three_ways(no_weights_anywh
     assert "--inception-weights" in msg
     assert "RETINAGEN_INCEPTION_WEIGHTS" in msg
     assert str(no_weights_anywhere / "torch" / "hub" / "checkpoints") in msg
-    assert fidmod.INCEPTION_WEIGHTS_FILENAME in msg
+    assert extmod.INCEPTION_WEIGHTS_FILENAME in msg
     # The same error surfaces from every entry point that needs Inception; nothing is downloaded.
     with pytest.raises(MetricUnavailable, match="--inception-weights"):
         create_extractor("inception-v3")
@@ -264,11 +264,11 @@ def test_inception_weights_resolution_order(
 ) -> None:
     hub = no_weights_anywhere / "torch" / "hub" / "checkpoints"
     hub.mkdir(parents=True)
-    (hub / fidmod.INCEPTION_WEIGHTS_FILENAME).write_bytes(b"hub")
-    assert resolve_inception_weights() == hub / fidmod.INCEPTION_WEIGHTS_FILENAME
+    (hub / extmod.INCEPTION_WEIGHTS_FILENAME).write_bytes(b"hub")
+    assert resolve_inception_weights() == hub / extmod.INCEPTION_WEIGHTS_FILENAME
     env_file = no_weights_anywhere / "env.pth"
     env_file.write_bytes(b"env")
-    monkeypatch.setenv(fidmod.INCEPTION_ENV_VAR, str(env_file))
+    monkeypatch.setenv(extmod.INCEPTION_ENV_VAR, str(env_file))
     assert resolve_inception_weights() == env_file
     arg_file = no_weights_anywhere / "arg.pth"
     arg_file.write_bytes(b"arg")
@@ -279,10 +279,10 @@ def test_inception_weights_resolution_order(
 
 
 def test_inception_weights_with_wrong_hash_are_refused(no_weights_anywhere: Path) -> None:
-    bad = no_weights_anywhere / fidmod.INCEPTION_WEIGHTS_FILENAME
+    bad = no_weights_anywhere / extmod.INCEPTION_WEIGHTS_FILENAME
     torch.save({"w": torch.zeros(2)}, bad)
     with pytest.raises(MetricUnavailable, match="SHA-256"):
-        fidmod.verify_inception_weights(bad)
+        extmod.verify_inception_weights(bad)
 
 
 class _NotATensor:
@@ -295,16 +295,16 @@ def test_inception_weights_that_are_not_plain_tensors_are_refused(
     bad = no_weights_anywhere / "pickled.pth"
     torch.save({"obj": _NotATensor()}, bad)
     digest = hashlib.sha256(bad.read_bytes()).hexdigest()
-    monkeypatch.setattr(fidmod, "INCEPTION_SHA256_PREFIX", digest[:8])
+    monkeypatch.setattr(extmod, "INCEPTION_SHA256_PREFIX", digest[:8])
     with pytest.raises(MetricUnavailable, match="plain tensors"):
-        fidmod.verify_inception_weights(bad)
+        extmod.verify_inception_weights(bad)
     # Loads with weights_only=True but is not a dict of tensors: torch-fidelity must not get it either.
     not_a_state_dict = no_weights_anywhere / "mixed.pth"
     torch.save({"w": torch.zeros(1), "n": 3}, not_a_state_dict)
     digest = hashlib.sha256(not_a_state_dict.read_bytes()).hexdigest()
-    monkeypatch.setattr(fidmod, "INCEPTION_SHA256_PREFIX", digest[:8])
+    monkeypatch.setattr(extmod, "INCEPTION_SHA256_PREFIX", digest[:8])
     with pytest.raises(MetricUnavailable, match="not a state dict of tensors"):
-        fidmod.verify_inception_weights(not_a_state_dict)
+        extmod.verify_inception_weights(not_a_state_dict)
 
 
 def test_inception_extractor_runs_offline_with_a_local_file(
@@ -326,9 +326,9 @@ def test_inception_extractor_runs_offline_with_a_local_file(
             state[key] = torch.randn(w.shape, generator=g) * math.sqrt(2.0 / w[0].numel())
     path = no_weights_anywhere / "random-inception.pth"
     torch.save(state, path)
-    monkeypatch.setattr(fidmod, "INCEPTION_SHA256_PREFIX", hashlib.sha256(path.read_bytes()).hexdigest()[:8])
+    monkeypatch.setattr(extmod, "INCEPTION_SHA256_PREFIX", hashlib.sha256(path.read_bytes()).hexdigest()[:8])
     monkeypatch.setattr(tfi, "load_state_dict_from_url", no_download)
-    monkeypatch.setenv(fidmod.INCEPTION_ENV_VAR, str(path))
+    monkeypatch.setenv(extmod.INCEPTION_ENV_VAR, str(path))
     ext = create_extractor("inception-v3")
     source = _fake_source()
     out = ext(images_to_uint8_nchw(source(2, 0, 0)))
