@@ -1,4 +1,4 @@
-"""What the dashboard calls (retinagen/dashboard_api.py), on a tiny smoke run with factor map, scorer and report."""
+"""What the dashboard calls (retinagen/dashboard_api/), on a tiny smoke run with factor map, scorer and report."""
 
 from __future__ import annotations
 
@@ -191,7 +191,7 @@ def test_the_state_folder_is_the_run_folder_unless_read_only(tmp_path: Path, mon
     # A package installed system-wide: its run folder is not writable for the user (simulated, as tests may
     # run as root, for whom permission bits do not stop writes).
     real_access = os.access
-    monkeypatch.setattr(api.os, "access", lambda p, mode: False if Path(p) == ro else real_access(p, mode))
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == ro else real_access(p, mode))
     assert api.state_dir_for(ro, sha, {"XDG_STATE_HOME": "/x"}) == Path("/x/retinagen/dashboard") / sha[:16]
     assert api.state_dir_for(ro, sha, {}) == Path.home() / ".local/state/retinagen/dashboard" / sha[:16]
     # The shipped model's folder is inside the package: never written, even when writable (editable install).
