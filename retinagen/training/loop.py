@@ -20,11 +20,9 @@ import contextlib
 import copy
 import json
 import math
-import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +43,6 @@ from retinagen.training import losses
 from retinagen.training.augment import AugmentPipe
 from retinagen.training.checkpoint import (
     config_mismatch,
-    copy_checkpoint,
     flatten_optimizer,
     latest_valid_checkpoint,
     list_checkpoints,
@@ -53,98 +50,18 @@ from retinagen.training.checkpoint import (
     save_checkpoint,
     unflatten_optimizer,
 )
+from retinagen.training.distributed import (
+    Dist,
+    StreamSampler,
+    allreduce_grads,
+    broadcast_module,
+    init_distributed,
+)
 from retinagen.training.ema import ema_beta, update_ema
+from retinagen.training.snapshots import SnapshotScore, best_logged_fd, read_metrics, score_snapshot
 
 # Config sections that must match between a checkpoint and the run resuming it.
 RESUME_SECTIONS = ("model", "latent", "loss", "optim", "data")
-
-
-# --------------------------------------------------------------------------------------------------
-# Distributed helpers
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_kind: str) -> Dist:
-    """Join the process group when launched by torchrun (even with one process, so that
-    `torchrun --nproc_per_node 1` runs the same all_reduce path as a multi-process run); a no-op for a
-    plain process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
-        return Dist()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def _allreduce_grads(module: nn.Module, world: int) -> None:
-    """Average gradients over processes with one flat all_reduce (no-op without a process group)."""
-    if world <= 1 and not dist.is_initialized():
-        return
-    params = [p for p in module.parameters() if p.grad is not None]
-    if not params:
-        return
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p in params:
-        n = p.grad.numel()
-        p.grad.copy_(flat[offset : offset + n].reshape(p.grad.shape))
-        offset += n
-
-
-def _broadcast_module(module: nn.Module, world: int) -> None:
-    if world <= 1 and not dist.is_initialized():
-        return
-    for t in list(module.parameters()) + list(module.buffers()):
-        dist.broadcast(t.data, src=0)
-
-
-# --------------------------------------------------------------------------------------------------
-# Deterministic, resumable data order
-
-
-class StreamSampler(torch.utils.data.Sampler[int]):
-    """An endless, seeded stream of dataset indices, startable at any position.
-
-    The global stream is the concatenation of permutations ``perm(seed, epoch)``; every global batch
-    of ``batch`` images is cut into ``world`` equal slices, and this process yields its slice. Given
-    the number of global images already consumed it resumes exactly where a previous run stopped.
-    """
-
-    def __init__(self, n: int, seed: int, batch: int, rank: int, world: int, start: int = 0) -> None:
-        if n <= 0:
-            raise RetinagenError("the training set is empty")
-        self.n, self.seed, self.batch, self.rank, self.world, self.start = n, seed, batch, rank, world, start
-        self.local = batch // world
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
-
-    def __iter__(self) -> Iterator[int]:
-        pos = self.start
-        cached_epoch, perm = -1, np.empty(0, dtype=np.int64)
-        while True:
-            base = pos + self.rank * self.local
-            for q in range(base, base + self.local):
-                epoch = q // self.n
-                if epoch != cached_epoch:
-                    cached_epoch, perm = epoch, self._perm(epoch)
-                yield int(perm[q % self.n])
-            pos += self.batch
-
-    def __len__(self) -> int:  # pragma: no cover - endless; DataLoader only needs it for len()
-        return 2**62
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,8 +247,8 @@ class Trainer:
         self.G = build_g(cfg).to(self.device)
         self.D = build_d(cfg).to(self.device)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
-        _broadcast_module(self.G, self.d.world)
-        _broadcast_module(self.D, self.d.world)
+        broadcast_module(self.G, self.d.world)
+        broadcast_module(self.D, self.d.world)
         self.G_ema.load_state_dict(self.G.state_dict())
 
         # Lazy regularisation (StyleGAN2): R1 runs every r1_interval steps, so D's Adam hyper-parameters
@@ -534,7 +451,7 @@ class Trainer:
         stats["loss/D"] = losses.d_logistic_loss(out_real.logits.float(), out_fake.logits.float()).detach()
         self.opt_D.zero_grad(set_to_none=True)
         loss_d.backward()
-        _allreduce_grads(self.D, self.d.world)
+        allreduce_grads(self.D, self.d.world)
         self.opt_D.step()
         stats["D/real_score"] = out_real.logits.float().mean().detach()
         stats["D/fake_score"] = out_fake.logits.float().mean().detach()
@@ -548,7 +465,7 @@ class Trainer:
             self.opt_D.zero_grad(set_to_none=True)
             # Touch the Q head so every D parameter has a gradient (keeps all_reduce shapes uniform).
             (loss_r1 + 0.0 * out_r1.q_params.sum()).backward()
-            _allreduce_grads(self.D, self.d.world)
+            allreduce_grads(self.D, self.d.world)
             self.opt_D.step()
             stats["loss/R1"] = penalty.mean().detach()
 
@@ -573,7 +490,7 @@ class Trainer:
         stats["loss/G"] = losses.g_nonsaturating_loss(out.logits.float()).detach()
         self.opt_G.zero_grad(set_to_none=True)
         loss_g.backward()
-        _allreduce_grads(self.G, self.d.world)
+        allreduce_grads(self.G, self.d.world)
         self.opt_G.step()
         self.D.requires_grad_(True)
 
@@ -640,83 +557,6 @@ class Trainer:
         path = self.run_dir / "samples" / f"fakes-{self.step:06d}.png"
         save_image_grid(imgs, path, cols=self.cfg.train.sample_grid[0])
         return path
-
-
-SnapshotScore = Callable[[Path, Path], dict[str, Any]]
-BEST_PREFIX = "best-"  # checkpoints/best-<step>.{json,safetensors}: the lowest fd_fundus of the run so far
-
-
-def _best_logged_fd(metrics_path: Path) -> float:
-    """The lowest ``quality/fd_fundus`` logged so far (a resumed run keeps its best)."""
-    best = math.inf
-    for line in _read_metrics(metrics_path, sys.maxsize):
-        value = json.loads(line).get("quality/fd_fundus")
-        if isinstance(value, int | float) and math.isfinite(value):
-            best = min(best, float(value))
-    return best
-
-
-def _score_snapshot(trainer: Trainer, score: SnapshotScore, ck: Path, data_zip: Path, metrics_path: Path,
-                    writer: Any, best_fd: float) -> float:
-    """Score snapshot ``ck``, log the row, keep it as the best snapshot if it is; returns the best fd_fundus."""
-    t = time.perf_counter()
-    try:
-        row = score(ck, data_zip)
-    except RetinagenError as exc:  # a broken judges cache must not stop a long run: say so, train on
-        print(f"warning: snapshot {ck.name} not scored: {exc}", file=sys.stderr)
-        row = {}
-    record: dict[str, Any] = {"step": trainer.step, "kimg": trainer.images_seen / 1000.0}
-    for key, value in _flatten(row).items():
-        if key not in ("kimg", "n"):
-            record[f"quality/{key}"] = value
-    if row.get("judge"):
-        record["quality/judge"] = str(row["judge"])  # scores are comparable between runs of one judge id
-    fd = record.get("quality/fd_fundus")
-    is_best = isinstance(fd, int | float) and math.isfinite(fd) and fd < best_fd
-    if row:
-        record["quality/best"] = int(is_best)
-        with open(metrics_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-        if writer is not None:
-            for k, v in record.items():
-                if k.startswith("quality/") and isinstance(v, int | float):
-                    writer.add_scalar(k, v, trainer.step)
-    if is_best:
-        folder = ck.parent
-        new = copy_checkpoint(ck, folder / f"{BEST_PREFIX}{trainer.step:06d}", {"quality": row})
-        for old in folder.glob(f"{BEST_PREFIX}*.json"):
-            if old != new:
-                old.unlink(missing_ok=True)
-                old.with_suffix(".safetensors").unlink(missing_ok=True)
-        best_fd = float(fd)
-    if trainer._clock is not None:
-        trainer._clock += time.perf_counter() - t  # scoring is not training time
-    return best_fd
-
-
-def _flatten(row: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of a score row as flat keys (``fidelity/2``); strings (judge id, sha) are dropped."""
-    out: dict[str, float] = {}
-    for k, v in row.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "/"))
-        elif isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v)):
-            out[key] = float(v)
-    return out
-
-
-def _read_metrics(path: Path, upto_step: int) -> list[str]:
-    if not path.is_file():
-        return []
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= upto_step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill: dropped
-    return keep
 
 
 def _open_training_data(trainer: Trainer, zip_path: Path) -> Any:
@@ -834,7 +674,7 @@ def train(
     metrics_path = run_dir / "metrics.jsonl"
     if d.main:
         # Drop log lines written after the snapshot we resumed from, so the curves have no duplicates.
-        kept = _read_metrics(metrics_path, trainer.step)
+        kept = read_metrics(metrics_path, trainer.step)
         atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
 
     loader = _loader(trainer, dataset)
@@ -846,7 +686,7 @@ def train(
     next_snapshot = (trainer.images_seen // snapshot_every + 1) * snapshot_every
     next_sample = (trainer.images_seen // sample_every + 1) * sample_every
     last_ck: Path | None = None
-    best_fd = _best_logged_fd(metrics_path) if d.main else math.inf
+    best_fd = best_logged_fd(metrics_path) if d.main else math.inf
     t0 = time.perf_counter()
     trainer._clock = t0
     start_images = trainer.images_seen
@@ -887,8 +727,10 @@ def train(
                 if d.main:
                     last_ck = trainer.save()
                     if snapshot_score is not None and not stop_now:
-                        best_fd = _score_snapshot(trainer, snapshot_score, last_ck, zip_path, metrics_path,
-                                                  writer, best_fd)
+                        best_fd, took = score_snapshot(snapshot_score, last_ck, zip_path, metrics_path, writer,
+                                                       best_fd, step=trainer.step, images_seen=trainer.images_seen)
+                        if trainer._clock is not None:
+                            trainer._clock += took  # scoring is not training time
                 next_snapshot = (trainer.images_seen // snapshot_every + 1) * snapshot_every
             if stop_now:
                 stopped = True

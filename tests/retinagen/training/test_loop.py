@@ -138,7 +138,7 @@ def test_cli_train_generate_traverse(synth_zip_16: Path, tmp_path: Path) -> None
 _NO_ALLREDUCE = """
 import sys
 import retinagen.training.loop as loop
-loop._allreduce_grads = lambda module, world: None
+loop.allreduce_grads = lambda module, world: None
 from retinagen.cli import main
 sys.exit(main(sys.argv[1:]))
 """
