@@ -30,9 +30,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import matmul_peak  # noqa: E402
 
-from retinagen.generation import load_model, run_folder_of  # noqa: E402
+from retinagen.generation import load_model  # noqa: E402
 from retinagen.metrics.judges import JudgeSpec, default_judges_dir, get_judges  # noqa: E402
 from retinagen.metrics.quality import ACM_ATTRIBUTES, score_checkpoint  # noqa: E402
+from retinagen.run_dir import RunDir  # noqa: E402
 from retinagen.training.checkpoint import latest_valid_checkpoint, list_checkpoints  # noqa: E402
 
 ACM_SHORT = {"pigmentation": "pig", "glare": "glare", "fov_area": "fov", "brightness": "bright"}
@@ -123,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"fd half vs half {v['fd_half_vs_half']:.2f}", flush=True)
             row = score_checkpoint(model, judges_by_res[res], n=args.n, seed=args.seed, quick=args.quick,
                                    acm=not args.no_acm)
-            run = run_folder_of(ck)
-            row["label"] = (args.label[i] if args.label else (run or path).name) + (
+            run = RunDir.of_checkpoint(ck)
+            row["label"] = (args.label[i] if args.label else (run.root if run else path).name) + (
                 f" @{ck.stem}" if args.all_snapshots else "")
             row["checkpoint"] = str(ck)
             rows.append(row)

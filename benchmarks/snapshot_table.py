@@ -10,22 +10,21 @@ for ADA runs, the augmentation strength p at that snapshot. Nothing is recompute
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
+from retinagen.run_dir import RunDir
+
 
 def rows(run: Path) -> tuple[list[dict], dict[float, float]]:
-    path = run / "metrics.jsonl"
+    path = RunDir(run).metrics
     if not path.is_file():
         raise SystemExit(f"error: {path}: not found (is {run} a run folder?)")
     scored, ada = [], {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            print(f"warning: {path}:{n}: not JSON, skipped", file=sys.stderr)
+    for line, rec in RunDir(run).log():
+        if rec is None:
+            print(f"warning: {path}: a line that is not JSON (or not an object), skipped: {line[:60]!r}", file=sys.stderr)
             continue
         if "quality/fd_fundus" in rec:
             scored.append(rec)

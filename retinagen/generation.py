@@ -28,9 +28,11 @@ from torch import nn
 
 from retinagen.config import RunConfig, config_from_json
 from retinagen.errors import BadInputError, CheckpointError, RetinagenError
+from retinagen.fileio import sha256_file
 from retinagen.latent import CodeValueError, LatentSample, LatentSpec
 from retinagen.networks.build import build_d, build_g, latent_spec, num_classes
-from retinagen.training.checkpoint import latest_valid_checkpoint, load_checkpoint, sha256_file
+from retinagen.run_dir import FACTOR_MAP_FILE, RunDir
+from retinagen.training.checkpoint import latest_valid_checkpoint, load_checkpoint
 
 
 @dataclass
@@ -64,7 +66,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint path: given a run folder, its newest complete checkpoint."""
     path = Path(path)
     if path.is_dir():
-        found = latest_valid_checkpoint(path / "checkpoints") or latest_valid_checkpoint(path)
+        found = latest_valid_checkpoint(RunDir(path).checkpoints) or latest_valid_checkpoint(path)
         if found is None:
             raise CheckpointError(f"{path}: no complete checkpoint found in this run folder")
         return found.with_suffix(".safetensors")
@@ -108,23 +110,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, with_dis
     )
 
 
-FACTOR_MAP_FILE = "factors.json"  # a run's factor map: RUN/factors.json, written by `retinagen discover`
-
-
-def run_folder_of(checkpoint: str | Path) -> Path | None:
-    """The run folder of a checkpoint file (``RUN/checkpoints/ckpt-*.safetensors`` or ``RUN/ckpt-*``), if any.
-
-    A folder counts as a run folder when it holds the run's ``config.json`` or ``metrics.jsonl``; the folder above
-    is only considered for a checkpoint in a ``checkpoints/`` folder (a lone file's grandparent is not its run).
-    """
-    ck = Path(checkpoint)
-    cands = (ck.parent.parent, ck.parent) if ck.parent.name == "checkpoints" else (ck.parent,)
-    for cand in cands:
-        if (cand / "config.json").is_file() or (cand / "metrics.jsonl").is_file():
-            return cand
-    return None
-
-
 def default_factor_map_path(checkpoint: str | Path) -> Path:
     """Where ``retinagen discover`` writes, and generation looks for, the factor map of a checkpoint file.
 
@@ -132,9 +117,9 @@ def default_factor_map_path(checkpoint: str | Path) -> Path:
     file (e.g. a shipped ``model.safetensors`` -> ``model.factors.json``).
     """
     ck = Path(checkpoint)
-    run = run_folder_of(ck)
+    run = RunDir.of_checkpoint(ck)
     if run is not None:
-        return run / FACTOR_MAP_FILE
+        return run.factors
     return ck.with_name(f"{ck.stem}.{FACTOR_MAP_FILE}")
 
 

@@ -40,6 +40,7 @@ import typer
 from pydantic import AfterValidator, ConfigDict, Field, ValidationError, create_model
 
 from retinagen.errors import RetinagenError
+from retinagen.run_dir import RunDir
 
 __all__ = [
     "Kind",
@@ -154,8 +155,8 @@ def _json_output(path: Path) -> Path:
 
 def _safetensors_file(path: Path) -> Path:
     """A complete safetensors file: the header parses and every tensor lies inside the file (no tensor read)."""
+    from retinagen.artifact import check_safetensors_header
     from retinagen.errors import CheckpointError
-    from retinagen.training.checkpoint import check_safetensors_header
 
     _readable_file(path)
     try:
@@ -253,7 +254,7 @@ def _grader(path: Path) -> Path:
 
 def _run_folder(path: Path) -> Path:
     _readable_dir(path)
-    if not (path / "config.json").is_file():
+    if not RunDir(path).config.is_file():
         raise ValueError("not a run folder (no config.json)")
     return path
 

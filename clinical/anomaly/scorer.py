@@ -21,14 +21,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.numpy import load_file as load_numpy_file
-from safetensors.numpy import save_file as save_numpy_file
 
 from clinical.anomaly.features import FeatureExtractor, FeatureGroup
 from clinical.anomaly.inputs import expand_inputs, load_inputs
 from clinical.anomaly.methods import ScoreMethod, ScoringContext, _need, build_method
 from retinagen import __version__ as retinagen_version
+from retinagen.artifact import read_artifact, write_artifact
 from retinagen.data.dataset import ZipImageDataset
 from retinagen.data.fundus import to_model_range
 from retinagen.data.prepare import report_path_for
@@ -37,10 +35,9 @@ from retinagen.errors import (
     ConfigError,
     RetinagenError,
 )
-from retinagen.fileio import atomic_path, atomic_write_json, atomic_write_text
+from retinagen.fileio import atomic_write_text
 from retinagen.generation import LoadedModel, load_model
 from retinagen.progress import progress_bar
-from retinagen.training.checkpoint import check_safetensors_header, sha256_file
 
 SCORER_FORMAT = "retinagen-anomaly-scorer"
 SCORER_VERSION = 1
@@ -139,17 +136,12 @@ class AnomalyScorer:
     def save(self, path: str | Path) -> Path:
         """Write ``STEM.safetensors`` then ``STEM.json`` atomically; returns the JSON path."""
         stem = _scorer_stem(path)
-        tensor_path, json_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
         arrays = {
             "feat_mean": self.feat_mean.astype(np.float64),
             "feat_sd": self.feat_sd.astype(np.float64),
             "calibration_scores": self.calibration_scores.astype(np.float64),
         }
         arrays.update({f"method.{k}": np.ascontiguousarray(v) for k, v in self.method.state().items()})
-        with atomic_path(tensor_path) as tmp:
-            save_numpy_file(
-                arrays, str(tmp), metadata={"format": SCORER_FORMAT, "version": str(SCORER_VERSION)}
-            )
         meta = {
             "format": SCORER_FORMAT,
             "version": SCORER_VERSION,
@@ -164,16 +156,23 @@ class AnomalyScorer:
             "fpr": self.fpr,
             "feature_groups": [[g.name, g.start, g.stop] for g in self.groups],
             "info": self.info,
-            "tensors_file": tensor_path.name,
-            "tensors_sha256": sha256_file(tensor_path),
         }
-        atomic_write_json(json_path, meta)
-        return json_path
+        header = {"format": SCORER_FORMAT, "version": str(SCORER_VERSION)}
+        return write_artifact(stem, arrays, meta, header=header, numpy=True)
 
 
 def _scorer_stem(path: str | Path) -> Path:
     p = Path(path)
     return p.with_suffix("") if p.suffix in (".json", ".safetensors") else p
+
+
+def _accept_scorer(meta: dict[str, Any], json_path: Path) -> None:
+    if meta.get("format") != SCORER_FORMAT:
+        raise CheckpointError(f"{json_path}: not a retinagen anomaly scorer (format {SCORER_FORMAT!r} expected)")
+    if meta.get("version") != SCORER_VERSION:
+        raise CheckpointError(
+            f"{json_path}: scorer version {meta.get('version')!r}; this retinagen reads {SCORER_VERSION}"
+        )
 
 
 def load_scorer(path: str | Path, model: LoadedModel | None = None) -> AnomalyScorer:
@@ -183,31 +182,8 @@ def load_scorer(path: str | Path, model: LoadedModel | None = None) -> AnomalySc
     parser sees it) and match the sha256 its JSON records. With ``model``, also checks that the scorer was
     fitted on that checkpoint.
     """
-    stem = _scorer_stem(path)
-    tensor_path, json_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-    check_safetensors_header(tensor_path)
-    if not json_path.is_file():
-        raise CheckpointError(f"{tensor_path}: its metadata file {json_path.name} is missing")
-    try:
-        meta = json.loads(json_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{json_path}: not valid JSON ({type(exc).__name__})") from None
-    if not isinstance(meta, dict) or meta.get("format") != SCORER_FORMAT:
-        raise CheckpointError(
-            f"{json_path}: not a retinagen anomaly scorer (format {SCORER_FORMAT!r} expected)"
-        )
-    if meta.get("version") != SCORER_VERSION:
-        raise CheckpointError(
-            f"{json_path}: scorer version {meta.get('version')!r}; this retinagen reads {SCORER_VERSION}"
-        )
-    if meta.get("tensors_sha256") != sha256_file(tensor_path):
-        raise CheckpointError(
-            f"{tensor_path}: contents do not match the sha256 in {json_path.name} (corrupt or replaced)"
-        )
-    try:
-        arrays = load_numpy_file(str(tensor_path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{tensor_path}: cannot read arrays ({type(exc).__name__})") from None
+    art = read_artifact(_scorer_stem(path), accept=_accept_scorer, numpy=True)
+    arrays, meta, json_path = art.tensors, art.meta, art.json_path
     try:
         groups = tuple(FeatureGroup(str(n), int(a), int(b)) for n, a, b in meta["feature_groups"])
         n_feat = groups[-1].stop if groups else 0

@@ -101,7 +101,7 @@ from clinical.rebalance.targets import (
 from retinagen import __version__
 from retinagen.data.dataset import ZipImageDataset, read_dataset_json
 from retinagen.errors import BadInputError, ConfigError, RetinagenError
-from retinagen.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from retinagen.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from retinagen.generation import (
     LoadedModel,
     load_model,
@@ -110,7 +110,6 @@ from retinagen.generation import (
     sample_latents,
 )
 from retinagen.progress import progress_bar
-from retinagen.training.checkpoint import sha256_file
 
 DEFAULT_MAX_TRIES_FACTOR = 4.0
 FLUSH_EVERY_S = 30.0  # rewrite manifest / tries / report at least this often (a crash loses at most this)

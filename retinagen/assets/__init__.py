@@ -10,12 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from retinagen.errors import RetinagenError
+from retinagen.run_dir import RunDir
 
 
 def shipped_run_dir() -> Path:
     """The shipped model's run folder (read-only: the package may be installed system-wide)."""
     path = Path(__file__).resolve().parent / "shipped"
-    if not (path / "checkpoints").is_dir():
+    if not RunDir(path).checkpoints.is_dir():
         raise RetinagenError(
             f"the shipped model is missing from {path}: reinstall retinagen (pip install -e .) from a full checkout"
         )

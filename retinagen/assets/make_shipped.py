@@ -26,6 +26,7 @@ from pathlib import Path
 
 from retinagen.errors import RetinagenError
 from retinagen.fileio import atomic_write_text
+from retinagen.run_dir import RunDir
 from retinagen.training.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
 
 KEEP_PREFIXES = ("G_ema.", "D.")
@@ -43,11 +44,11 @@ def make_shipped(run: Path, out: Path, *, discover_n: int = 48) -> Path:
     from retinagen.generation import load_model
     from retinagen.metrics.discovery import discover_factors, format_table, save_factor_map
 
-    run = Path(run)
-    ck_json = latest_valid_checkpoint(run / "checkpoints")
+    src, run = RunDir(run), Path(run)
+    ck_json = latest_valid_checkpoint(src.checkpoints)
     if ck_json is None:
         raise RetinagenError(f"{run}: no complete checkpoint")
-    zips = sorted((run / "data").glob("*.zip"))
+    zips = sorted(src.data.glob("*.zip"))
     if len(zips) != 1:
         raise RetinagenError(f"{run}/data: expected the one prepared ZIP of the built-in data, found {len(zips)}")
     ck = load_checkpoint(ck_json)
@@ -55,33 +56,34 @@ def make_shipped(run: Path, out: Path, *, discover_n: int = 48) -> Path:
         raise RetinagenError(f"{run}: the shipped model must be trained on the built-in synthetic data")
 
     tmp = out.parent / f".{out.name}.building"
+    dst = RunDir(tmp)
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "checkpoints").mkdir(parents=True)
+    dst.checkpoints.mkdir(parents=True)
     tensors = {k: v for k, v in ck.tensors.items() if k.startswith(KEEP_PREFIXES)}
     meta = {k: v for k, v in ck.meta.items() if k not in TRAINING_ONLY_META and k not in
             ("schema_version", "tensors_file", "tensors_sha256", "created", "torch_version")}
     meta["inference_only"] = True
     meta["source_checkpoint_sha256"] = ck.meta.get("tensors_sha256")
-    save_checkpoint(tmp / "checkpoints" / Path(ck_json).stem, tensors, meta)
+    save_checkpoint(dst.checkpoints / Path(ck_json).stem, tensors, meta)
 
-    for name in ("config.json", "metrics.jsonl"):
-        _copy(run / name, tmp / name)
-    fakes = sorted((run / "samples").glob("fakes-*.png"))
-    for p in [*fakes[-1:], run / "samples" / "reals.png"]:
+    _copy(src.config, dst.config)
+    _copy(src.metrics, dst.metrics)
+    fakes = sorted(src.samples.glob("fakes-*.png"))
+    for p in [*fakes[-1:], src.samples / "reals.png"]:
         if p.is_file():
-            _copy(p, tmp / "samples" / p.name)
-    _copy(zips[0], tmp / "data" / zips[0].name)
+            _copy(p, dst.samples / p.name)
+    _copy(zips[0], dst.data / zips[0].name)
     report = zips[0].with_suffix(".report.json")
     if report.is_file():
-        _copy(report, tmp / "data" / report.name)
+        _copy(report, dst.data / report.name)
 
     t0 = time.perf_counter()
     model = load_model(tmp, with_discriminator=True)
     result = discover_factors(model, n=discover_n, seed=0, progress=True)
-    save_factor_map(result, tmp / "factors.json")
+    save_factor_map(result, dst.factors)
     t_discover = time.perf_counter() - t0
     t0 = time.perf_counter()
-    scorer = fit_scorer(model, tmp / "data" / zips[0].name)
+    scorer = fit_scorer(model, dst.data / zips[0].name)
     json_path = scorer.save(tmp / "anomaly" / "scorer")
     # Record the checkpoint relative to the scorer, so the folder works wherever it is installed.
     sj = json.loads(json_path.read_text(encoding="utf-8"))

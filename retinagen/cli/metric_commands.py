@@ -59,7 +59,7 @@ def _training_data_of(tensor_path: Path) -> Path | None:
     """
     import json
 
-    from retinagen.generation import run_folder_of
+    from retinagen.run_dir import RunDir
 
     try:
         meta = json.loads(tensor_path.with_suffix(".json").read_text(encoding="utf-8"))
@@ -68,8 +68,8 @@ def _training_data_of(tensor_path: Path) -> Path | None:
         data_path = None
     if data_path and Path(data_path).is_file():
         return Path(data_path)
-    run = run_folder_of(tensor_path)
-    zips = sorted((run / "data").glob("*.zip")) if run is not None else []
+    run = RunDir.of_checkpoint(tensor_path)
+    zips = sorted(run.data.glob("*.zip")) if run is not None else []
     return zips[0] if len(zips) == 1 else None
 
 
@@ -240,8 +240,8 @@ def _default_evaluation_data(tensor_path: Path) -> Path:
 def _default_factor_map(tensor_path: Path) -> Path | None:
     """RUN/factors.json when it was discovered on this checkpoint; None (discover afresh) otherwise."""
     from retinagen.factor_map import load_factor_map
+    from retinagen.fileio import sha256_file
     from retinagen.generation import default_factor_map_path
-    from retinagen.training.checkpoint import sha256_file
 
     candidate = default_factor_map_path(tensor_path)
     if not candidate.is_file():

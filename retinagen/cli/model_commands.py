@@ -32,6 +32,7 @@ from retinagen.options import (
     Switch,
     Text,
 )
+from retinagen.run_dir import RunDir
 
 # --------------------------------------------------------------------------------------------------
 # Training and generation
@@ -83,7 +84,7 @@ def train(
         )
         s, b, dd = cfg.msi
         run_dir = out or Path("runs") / f"{dataset.value}-msi-s{s}-b{b:g}-d{dd}-{_time.strftime('%Y%m%d-%H%M%S')}"
-        ck_dir = run_dir / "checkpoints"
+        ck_dir = RunDir(run_dir).checkpoints
         if ck_dir.is_dir() and any(ck_dir.iterdir()):
             raise RetinagenError(f"{run_dir} already holds checkpoints: continue it with --resume {run_dir}, or pick a new --out")
     scorer = None
@@ -99,14 +100,16 @@ def train(
         from retinagen.generation import load_model, write_traversal_grids
 
         model = load_model(summary.last_checkpoint, with_discriminator=False)
-        write_traversal_grids(model, run_dir / "traversals")
+        write_traversal_grids(model, RunDir(run_dir).traversals)
     state = "stopped" if summary.stopped_early else (
         f"time budget of {cfg.train.max_minutes:g} min reached" if summary.budget_reached else "finished")
     typer.echo(
         f"{state}: {summary.images_seen / 1000:.2f} kimg in {summary.elapsed_s:.0f} s ({summary.images_per_s:.1f} img/s); "
         f"run folder {run_dir} (checkpoints/, samples/, traversals/, metrics.jsonl)"
     )
-    best = sorted((run_dir / "checkpoints").glob("best-*.json"))
+    from retinagen.training.snapshots import BEST_PREFIX
+
+    best = sorted(RunDir(run_dir).checkpoints.glob(f"{BEST_PREFIX}*.json"))
     if best:
         typer.echo(f"best snapshot by fd_fundus: {best[-1].with_suffix('.safetensors')}")
     if summary.stopped_early:

@@ -17,8 +17,8 @@ from retinagen.generation import (
     find_factor_map,
     load_model,
     resolve_checkpoint,
-    run_folder_of,
 )
+from retinagen.run_dir import RunDir
 from retinagen.training.checkpoint import list_checkpoints
 
 SCORER_STEM = Path("anomaly") / "scorer"
@@ -54,10 +54,11 @@ def resolve_run_dir(run: str | Path | None) -> Path:
     p = Path(run).expanduser()
     if p.is_file():
         ck = resolve_checkpoint(p)
-        return run_folder_of(ck) or ck.parent
+        run_dir = RunDir.of_checkpoint(ck)
+        return run_dir.root if run_dir is not None else ck.parent
     if not p.is_dir():
         raise BadInputError(p, "run folder not found")
-    if not (list_checkpoints(p / "checkpoints") or list_checkpoints(p)):
+    if not (list_checkpoints(RunDir(p).checkpoints) or list_checkpoints(p)):
         raise BadInputError(p, "no checkpoint in this run folder (expected checkpoints/ckpt-*.safetensors + .json)")
     return p
 
@@ -69,7 +70,7 @@ def checkpoint_key(run_dir: str | Path) -> str:
     loaded under this key is still verified in full by `load_model`.
     """
     run_dir = Path(run_dir)
-    metas = list_checkpoints(run_dir / "checkpoints") or list_checkpoints(run_dir)
+    metas = list_checkpoints(RunDir(run_dir).checkpoints) or list_checkpoints(run_dir)
     if not metas:
         return "none"
     newest = metas[-1]

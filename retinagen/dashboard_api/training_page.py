@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,30 +11,20 @@ import numpy as np
 
 from retinagen.errors import BadInputError
 from retinagen.metrics.registry import METRICS
+from retinagen.run_dir import RunDir
 
 MAX_REPORTS = 50
 
 
 def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, float]], int]:
     """The numeric fields of every line of ``metrics.jsonl`` (rows), and the number of unreadable lines."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return [], 0
     rows, bad = [], 0
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                bad += 1  # e.g. the last line of a run killed mid-write
-                continue
-            if not isinstance(obj, dict):
-                bad += 1
-                continue
-            rows.append({k: float(v) for k, v in obj.items()
-                         if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))})
+    for _, rec in RunDir(Path(run_dir)).log():
+        if rec is None:
+            bad += 1  # e.g. the last line of a run killed mid-write
+            continue
+        rows.append({k: float(v) for k, v in rec.items()
+                     if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))})
     return rows, bad
 
 

@@ -67,15 +67,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from retinagen.artifact import read_artifact, write_artifact
 from retinagen.errors import CheckpointError, RetinagenError
-from retinagen.fileio import atomic_path, atomic_write_json
 from retinagen.metrics.fid import FeatureExtractor, MetricUnavailable, register_extractor
 from retinagen.progress import progress_bar
-from retinagen.training.checkpoint import check_safetensors_header, sha256_file
 from retinagen.training.schedule import warmup_cosine
 
 __all__ = [
@@ -517,7 +514,7 @@ def train_fundus_encoder(
     if not zip_path.is_file():
         raise RetinagenError(f"{zip_path}: dataset ZIP not found")
     out = Path(out_path)
-    tensor_path, json_path = out.with_suffix(".safetensors"), out.with_suffix(".json")
+    tensor_path = out.with_suffix(".safetensors")
     t_start = time.perf_counter()
     ds = ZipImageDataset(zip_path)
     size = int(resolution) if resolution is not None else min(int(ds.resolution), _MAX_INPUT_SIZE)
@@ -559,14 +556,11 @@ def train_fundus_encoder(
     )
     train_scores = _validation_scores(net, store, train_idx, targets, batch_size)
 
-    _save(net, tensor_path)
     meta = {
         "schema": ENCODER_SCHEMA,
         "extractor": EXTRACTOR_NAME,
         "config": asdict(cfg),
         "objective": cfg.objective,
-        "tensors_file": tensor_path.name,
-        "tensors_sha256": sha256_file(tensor_path),
         "data": {
             "fingerprint": ds.fingerprint(),
             "file": zip_path.name,
@@ -592,7 +586,7 @@ def train_fundus_encoder(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "torch_version": torch.__version__,
     }
-    atomic_write_json(json_path, meta)
+    _save(net, tensor_path, meta)
     return tensor_path
 
 
@@ -628,12 +622,11 @@ def _fit(net: FundusEncoderNet, store: _ImageStore, train_idx: list[int], target
     return history
 
 
-def _save(net: FundusEncoderNet, tensor_path: Path) -> None:
-    """The weights from the CPU (the file does not depend on the training device's layout), atomically."""
+def _save(net: FundusEncoderNet, tensor_path: Path, meta: dict[str, Any]) -> None:
+    """The weights from the CPU (the file does not depend on the training device's layout), then the JSON."""
     net = net.cpu()
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    with atomic_path(tensor_path) as tmp:
-        save_file(state, str(tmp), metadata={"format": "retinagen-fundus-encoder"})
+    write_artifact(tensor_path, state, meta, header={"format": "retinagen-fundus-encoder"})
 
 
 def _targets_rows(t: _Targets, offset: int) -> _Targets:
@@ -646,6 +639,13 @@ def _targets_rows(t: _Targets, offset: int) -> _Targets:
 
 
 # ============================================================================================ loading
+def _accept_encoder(meta: dict[str, Any], json_path: Path) -> None:
+    if meta.get("schema") != ENCODER_SCHEMA:
+        raise CheckpointError(
+            f"{json_path}: not a fundus encoder (schema {meta.get('schema')!r}, expected {ENCODER_SCHEMA!r})"
+        )
+
+
 def load_fundus_encoder(path: str | Path, device: str | torch.device = "cpu") -> FundusEncoderExtractor:
     """Load an encoder written by `train_fundus_encoder` (``.safetensors`` or its ``.json``) as an extractor.
 
@@ -653,31 +653,9 @@ def load_fundus_encoder(path: str | Path, device: str | torch.device = "cpu") ->
     from the one in its JSON, and configs or tensors that do not match. The extractor is in eval mode without
     gradients; its ``weights_id`` is the tensor file's SHA-256.
     """
-    p = Path(path)
-    tensor_path = p.with_suffix(".safetensors") if p.suffix == ".json" else p
-    json_path = tensor_path.with_suffix(".json")
-    check_safetensors_header(tensor_path)
-    if not json_path.is_file():
-        raise CheckpointError(f"{tensor_path}: its description {json_path.name} is missing")
-    try:
-        meta = json.loads(json_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{json_path}: not a readable JSON file ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("schema") != ENCODER_SCHEMA:
-        got = meta.get("schema") if isinstance(meta, dict) else None
-        raise CheckpointError(
-            f"{json_path}: not a fundus encoder (schema {got!r}, expected {ENCODER_SCHEMA!r})"
-        )
-    digest = sha256_file(tensor_path)
-    if meta.get("tensors_sha256") != digest:
-        raise CheckpointError(
-            f"{tensor_path}: contents do not match the sha256 in {json_path.name} (corrupt or replaced)"
-        )
+    art = read_artifact(path, accept=_accept_encoder)
+    tensor_path, json_path, meta, tensors, digest = art.tensor_path, art.json_path, art.meta, art.tensors, art.sha256
     cfg = EncoderConfig.from_json(meta.get("config"), str(json_path))
-    try:
-        tensors = load_file(str(tensor_path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{tensor_path}: cannot read tensors ({exc})") from None
     net = FundusEncoderNet(cfg)
     try:
         net.load_state_dict(tensors, strict=True)

@@ -69,10 +69,10 @@ from retinagen.metrics.sections import (
     mig_section,
     quality_section,
     real_attribute_labels,
-    run_dir_of,
     skipped,
 )
 from retinagen.reporting import jsonable
+from retinagen.run_dir import RunDir
 
 __all__ = [
     "DEFAULT_METRICS",
@@ -390,7 +390,7 @@ def evaluate_checkpoint(
     fmap, fmap_info = ev.factor_map() if top_factors > 0 else (ev.fmap, ev.fmap_info)
     # ---- L_info curve, traversal grids ----
     t0 = time.perf_counter()
-    linfo = linfo_section(run_dir_of(model.path), model.meta.get("step"), files, rel)
+    linfo = linfo_section(RunDir.of_checkpoint(model.path), model.meta.get("step"), files, rel)
     ev.timed("linfo", t0)
     t0 = time.perf_counter()
     if top_factors > 0 and model.spec.n_codes > 0:

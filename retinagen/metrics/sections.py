@@ -10,7 +10,6 @@ reuses MIG and ACM.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Mapping
@@ -24,6 +23,7 @@ from retinagen.fileio import atomic_write_bytes
 from retinagen.metrics.fid import RealSource, fid_repeated
 from retinagen.progress import progress_bar
 from retinagen.reporting import figure_png
+from retinagen.run_dir import RunDir, step_of
 
 _GRID_MIN_CELL = (
     64  # traversal grid images are enlarged (nearest neighbour) to at least this many px per image
@@ -143,14 +143,6 @@ def _figure(width: float, height: float) -> Any:
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height))
-
-
-def run_dir_of(checkpoint: Path) -> Path | None:
-    """The run folder of a checkpoint (``RUN/checkpoints/ckpt-*.safetensors`` or ``RUN/ckpt-*``), if any."""
-    for cand in (checkpoint.parent.parent, checkpoint.parent):
-        if (cand / "metrics.jsonl").is_file():
-            return cand
-    return None
 
 
 # ============================================================================================ sections
@@ -401,32 +393,26 @@ def acm_section(
     }
 
 
-def linfo_section(run_dir: Path | None, ckpt_step: Any, files: Path, rel: str) -> dict[str, Any]:
+def linfo_section(run: RunDir | None, ckpt_step: Any, files: Path, rel: str) -> dict[str, Any]:
     """Figure 10 from the run's log, up to the evaluated checkpoint's step (later lines: training went on)."""
-    if run_dir is None:
+    if run is None or not run.metrics.is_file():
         return skipped("the checkpoint is not inside a run folder with metrics.jsonl")
     kimg, l_disc, h_disc, l_all = [], [], [], []
     later = 0
     limit = int(ckpt_step) if isinstance(ckpt_step, int | float) and not isinstance(ckpt_step, bool) else None
-    with open(run_dir / "metrics.jsonl", encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash mid-write
-            if not isinstance(rec, dict) or "info/L_info_discrete" not in rec or "info/H_discrete" not in rec:
-                continue
-            if limit is not None and isinstance(rec.get("step"), int) and rec["step"] > limit:
-                later += 1
-                continue
-            kimg.append(float(rec.get("kimg", len(kimg))))
-            l_disc.append(float(rec["info/L_info_discrete"]))
-            h_disc.append(float(rec["info/H_discrete"]))
-            l_all.append(float(rec.get("info/L_info", float("nan"))))
+    for _, rec in run.log():  # a line cut by a crash mid-write reads as None
+        if rec is None or "info/L_info_discrete" not in rec or "info/H_discrete" not in rec:
+            continue
+        step = step_of(rec)
+        if limit is not None and step is not None and step > limit:
+            later += 1
+            continue
+        kimg.append(float(rec.get("kimg", len(kimg))))
+        l_disc.append(float(rec["info/L_info_discrete"]))
+        h_disc.append(float(rec["info/H_discrete"]))
+        l_all.append(float(rec.get("info/L_info", float("nan"))))
     if not kimg:
-        return skipped(
-            f"{run_dir / 'metrics.jsonl'} has no info/L_info_discrete entries up to this checkpoint"
-        )
+        return skipped(f"{run.metrics} has no info/L_info_discrete entries up to this checkpoint")
     h = h_disc[-1]
     fig = _figure(6.0, 3.4)
     ax = fig.add_subplot(1, 1, 1)
@@ -448,7 +434,7 @@ def linfo_section(run_dir: Path | None, ckpt_step: Any, files: Path, rel: str) -
     return {
         "status": "ok",
         "file": f"{rel}/linfo.png",
-        "run_dir": str(run_dir),
+        "run_dir": str(run.root),
         "n_points": len(kimg),
         "kimg_last": kimg[-1],
         "later_points_left_out": later,

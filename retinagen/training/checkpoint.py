@@ -9,7 +9,8 @@ A checkpoint ``NAME`` is two files written atomically, in this order:
 The JSON is the commit marker: a checkpoint counts only when its JSON exists and the tensor file's
 hash matches it, so a process killed mid-snapshot leaves the previous checkpoint as the latest
 complete one. Nothing here unpickles: a file that is not safetensors is refused before it is read
-(pickle-based ``.pt``/``.pkl`` files can run code when loaded).
+(pickle-based ``.pt``/``.pkl`` files can run code when loaded). The file format is `retinagen.artifact`'s;
+this module adds the checkpoint's schema, its listing in a run's ``checkpoints/`` and optimizer state.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import glob
 import json
 import re
-import struct
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,37 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
+from retinagen.artifact import check_safetensors_header, is_complete, read_artifact, write_artifact
 from retinagen.errors import CheckpointError
-from retinagen.fileio import atomic_path, atomic_write_json, sha256_file  # sha256_file re-exported
+from retinagen.fileio import atomic_path, atomic_write_json, sha256_file
+
+__all__ = ["check_safetensors_header", "sha256_file"]  # re-exported: older imports of the file helpers
 
 SCHEMA_VERSION = 1
 _CKPT_RE = re.compile(r"^ckpt-(\d{6,})\.json$")
-
-
-def check_safetensors_header(path: str | Path) -> None:
-    """Refuse anything that is not a safetensors file before handing it to a parser.
-
-    A safetensors file starts with an 8-byte little-endian header length followed by a JSON object.
-    Pickles (``torch.save`` output, a ZIP or a raw pickle stream) fail this check.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(9)
-    if len(head) < 9:
-        raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
-    (n,) = struct.unpack("<Q", head[:8])
-    if head[8:9] != b"{" or n > size - 8:
-        kind = "a pickle/torch.save file" if head[:2] in (b"PK", b"\x80\x02", b"\x80\x04", b"\x80\x05") else "not safetensors"
-        raise CheckpointError(
-            f"{path}: refused: {kind}. retinagen loads only data-only safetensors checkpoints "
-            "(pickle-based files can run code when loaded)"
-        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,26 +91,20 @@ class Checkpoint:
 def save_checkpoint(path_stem: str | Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
     """Write ``<stem>.safetensors`` then ``<stem>.json`` atomically; returns the JSON path."""
     stem = Path(path_stem)
-    tensor_path = stem.with_suffix(".safetensors")
-    json_path = stem.with_suffix(".json")
     clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     # A snapshot killed mid-write leaves a hidden temporary (".NAME.safetensors.<random>.tmp", fileio's
     # naming) that nothing else removes; writing the same NAME again (a resumed run does) clears it.
     # Only one process (rank 0) writes a run's checkpoints, so such a file is never a live writer's.
     for stale in stem.parent.glob(f".{glob.escape(stem.name)}.*.tmp"):
         stale.unlink(missing_ok=True)
-    with atomic_path(tensor_path) as tmp:
-        save_file(clean, str(tmp), metadata={"format": "retinagen", "schema_version": str(SCHEMA_VERSION)})
     full_meta = dict(meta)
     full_meta.update(
         schema_version=SCHEMA_VERSION,
-        tensors_file=tensor_path.name,
-        tensors_sha256=sha256_file(tensor_path),
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         torch_version=torch.__version__,
     )
-    atomic_write_json(json_path, full_meta)
-    return json_path
+    header = {"format": "retinagen", "schema_version": str(SCHEMA_VERSION)}
+    return write_artifact(stem.with_suffix(".safetensors"), clean, full_meta, header=header)
 
 
 def copy_checkpoint(meta_path: str | Path, dest_stem: str | Path, extra_meta: Mapping[str, Any]) -> Path:
@@ -162,36 +134,18 @@ def copy_checkpoint(meta_path: str | Path, dest_stem: str | Path, extra_meta: Ma
     return json_path
 
 
-def _meta_path_for(path: Path) -> Path:
-    if path.suffix == ".json":
-        return path
-    return path.with_suffix(".json")
+def _accept_checkpoint(meta: dict[str, Any], meta_path: Path) -> None:
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise CheckpointError(
+            f"{meta_path}: unsupported checkpoint schema {meta.get('schema_version')}"
+            f" (this retinagen reads schema {SCHEMA_VERSION})"
+        )
 
 
 def load_checkpoint(path: str | Path, *, verify_hash: bool = True) -> Checkpoint:
     """Load a checkpoint given its ``.safetensors`` or ``.json`` path (data only, never unpickles)."""
-    path = Path(path)
-    meta_path = _meta_path_for(path)
-    tensor_path = path.with_suffix(".safetensors") if path.suffix == ".json" else path
-    check_safetensors_header(tensor_path)
-    if not meta_path.is_file():
-        raise CheckpointError(f"{tensor_path}: its metadata file {meta_path.name} is missing (incomplete snapshot?)")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{meta_path}: metadata is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("schema_version") != SCHEMA_VERSION:
-        raise CheckpointError(
-            f"{meta_path}: unsupported checkpoint schema {meta.get('schema_version') if isinstance(meta, dict) else '?'}"
-            f" (this retinagen reads schema {SCHEMA_VERSION})"
-        )
-    if verify_hash and meta.get("tensors_sha256") != sha256_file(tensor_path):
-        raise CheckpointError(f"{tensor_path}: contents do not match the sha256 in {meta_path.name} (corrupt or replaced)")
-    try:
-        tensors = load_file(str(tensor_path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{tensor_path}: cannot read tensors ({exc})") from None
-    return Checkpoint(tensors=tensors, meta=meta)
+    art = read_artifact(path, accept=_accept_checkpoint, verify_hash=verify_hash)
+    return Checkpoint(tensors=art.tensors, meta=art.meta)
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:
@@ -205,16 +159,7 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
 
 def latest_valid_checkpoint(folder: str | Path) -> Path | None:
     """The newest checkpoint whose tensor file matches its recorded hash; corrupt ones are skipped."""
-    for meta_path in reversed(list_checkpoints(folder)):
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            tensor_path = meta_path.with_suffix(".safetensors")
-            check_safetensors_header(tensor_path)
-            if meta.get("tensors_sha256") == sha256_file(tensor_path):
-                return meta_path
-        except (OSError, ValueError, CheckpointError):
-            continue
-    return None
+    return next((p for p in reversed(list_checkpoints(folder)) if is_complete(p)), None)
 
 
 _MISSING = object()

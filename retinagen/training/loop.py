@@ -39,6 +39,7 @@ from retinagen.latent import LatentSpec
 from retinagen.networks.build import build_d, build_g, latent_spec, num_classes
 from retinagen.networks.layers import BatchNoise, NoiseSource
 from retinagen.progress import progress_bar
+from retinagen.run_dir import RunDir
 from retinagen.training import losses
 from retinagen.training.augment import AugmentPipe
 from retinagen.training.checkpoint import (
@@ -58,7 +59,7 @@ from retinagen.training.distributed import (
     init_distributed,
 )
 from retinagen.training.ema import ema_beta, update_ema
-from retinagen.training.snapshots import SnapshotScore, best_logged_fd, read_metrics, score_snapshot
+from retinagen.training.snapshots import SnapshotScore, best_logged_fd, log_lines_upto, score_snapshot
 
 # Config sections that must match between a checkpoint and the run resuming it.
 RESUME_SECTIONS = ("model", "latent", "loss", "optim", "data")
@@ -73,7 +74,7 @@ def resolve_training_data(cfg: RunConfig, run_dir: Path, d: Dist) -> Path:
     if cfg.data.path is not None:
         path = Path(cfg.data.path)
         if path.is_dir() and cfg.data.dataset == "synthfundus":
-            return _prepare_synth(path, run_dir / "data", cfg, d, synthesize=False)
+            return _prepare_synth(path, RunDir(run_dir).data, cfg, d, synthesize=False)
         if not path.is_file():
             raise RetinagenError(f"--data {path}: not found (expected a ZIP written by `retinagen prepare`)")
         return path
@@ -82,7 +83,8 @@ def resolve_training_data(cfg: RunConfig, run_dir: Path, d: Dist) -> Path:
             f"--dataset {cfg.data.dataset} needs --data DS.zip: run `retinagen prepare --dataset {cfg.data.dataset} "
             "--data-root DIR --resolution R --out DS.zip` first"
         )
-    return _prepare_synth(run_dir / "data" / "synthfundus", run_dir / "data", cfg, d, synthesize=True)
+    data = RunDir(run_dir).data
+    return _prepare_synth(data / "synthfundus", data, cfg, d, synthesize=True)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -339,7 +341,7 @@ class Trainer:
         tensors, opt_meta = self.state_tensors()
         meta = self.meta()
         meta.update(opt_meta)
-        ck_dir = self.run_dir / "checkpoints"
+        ck_dir = RunDir(self.run_dir).checkpoints
         path = save_checkpoint(ck_dir / f"ckpt-{self.step:06d}", tensors, meta)
         # Keep the newest snapshots only; never delete the one just written.
         keep = self.cfg.train.keep_checkpoints
@@ -554,7 +556,7 @@ class Trainer:
     def save_samples(self) -> Path:
         sample, grade = self.fixed_latents()
         imgs = self.G_ema(sample.z_noise, sample.code(), grade, noise_mode="const")
-        path = self.run_dir / "samples" / f"fakes-{self.step:06d}.png"
+        path = RunDir(self.run_dir).samples / f"fakes-{self.step:06d}.png"
         save_image_grid(imgs, path, cols=self.cfg.train.sample_grid[0])
         return path
 
@@ -622,12 +624,12 @@ def _open_writer(trainer: Trainer, dataset: Any) -> Any:
     """The run's TensorBoard writer (events after the resumed step purged), and samples/reals.png once."""
     from torch.utils.tensorboard import SummaryWriter
 
-    run_dir, cfg = trainer.run_dir, trainer.cfg
-    writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=trainer.step)
-    if not (run_dir / "samples" / "reals.png").is_file():
+    run, cfg = RunDir(trainer.run_dir), trainer.cfg
+    writer = SummaryWriter(str(run.tensorboard), purge_step=trainer.step)
+    if not (run.samples / "reals.png").is_file():
         cols, rows = cfg.train.sample_grid
         reals = torch.stack([dataset[i][0] for i in range(min(len(dataset), cols * rows))])
-        save_image_grid(reals, run_dir / "samples" / "reals.png", cols=cols)
+        save_image_grid(reals, run.samples / "reals.png", cols=cols)
     return writer
 
 
@@ -654,7 +656,7 @@ def train(
     d = trainer.d
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "config.json", cfg.to_json_dict())
+        atomic_write_json(RunDir(run_dir).config, cfg.to_json_dict())
     print(
         f"retinagen train: {cfg.msi_name} on {cfg.data.dataset} at {cfg.model.resolution} px, device {trainer.device}"
         f"{' (bf16 autocast)' if trainer.amp_dtype else ''}, {d.world} process(es), "
@@ -666,15 +668,15 @@ def train(
     dataset = _open_training_data(trainer, zip_path)
 
     if resume:
-        latest = latest_valid_checkpoint(run_dir / "checkpoints")
+        latest = latest_valid_checkpoint(RunDir(run_dir).checkpoints)
         if latest is None:
             raise CheckpointError(f"{run_dir}: no complete checkpoint to resume from")
         trainer.restore(latest)
         print(f"resumed from {latest.name} at step {trainer.step} ({trainer.images_seen / 1000:.3f} kimg)", file=sys.stderr)
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path = RunDir(run_dir).metrics
     if d.main:
         # Drop log lines written after the snapshot we resumed from, so the curves have no duplicates.
-        kept = read_metrics(metrics_path, trainer.step)
+        kept = log_lines_upto(metrics_path, trainer.step)
         atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
 
     loader = _loader(trainer, dataset)
@@ -752,7 +754,7 @@ def train(
 
 
 def load_run_config_from_dir(run_dir: Path) -> RunConfig:
-    path = Path(run_dir) / "config.json"
+    path = RunDir(run_dir).config
     if not path.is_file():
         raise RetinagenError(f"{run_dir}: not a run folder (no config.json)")
     return config_from_json(path.read_text(encoding="utf-8"), str(path))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from retinagen.errors import RetinagenError
+from retinagen.run_dir import read_log, step_of
 from retinagen.training.checkpoint import copy_checkpoint
 
 SnapshotScore = Callable[[Path, Path], dict[str, Any]]
@@ -21,9 +22,9 @@ BEST_PREFIX = "best-"  # checkpoints/best-<step>.{json,safetensors}: the lowest 
 def best_logged_fd(metrics_path: Path) -> float:
     """The lowest ``quality/fd_fundus`` logged so far (a resumed run keeps its best)."""
     best = math.inf
-    for line in read_metrics(metrics_path, sys.maxsize):
-        value = json.loads(line).get("quality/fd_fundus")
-        if isinstance(value, int | float) and math.isfinite(value):
+    for _, rec in read_log(metrics_path):
+        value = rec.get("quality/fd_fundus") if rec is not None else None
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
             best = min(best, float(value))
     return best
 
@@ -78,15 +79,6 @@ def _flatten(row: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
-def read_metrics(path: Path, upto_step: int) -> list[str]:
+def log_lines_upto(path: Path, upto_step: int) -> list[str]:
     """The lines of ``metrics.jsonl`` up to ``upto_step`` (what a resumed run keeps); cut lines are dropped."""
-    if not path.is_file():
-        return []
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= upto_step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill: dropped
-    return keep
+    return [line for line, rec in read_log(path) if rec is not None and (step_of(rec) or 0) <= upto_step]

@@ -94,7 +94,7 @@ _DRIVER = textwrap.dedent(
     import sys
     from pathlib import Path
 
-    import retinagen.training.checkpoint as ck
+    import retinagen.artifact as ck
     from retinagen.cli import main
     from retinagen.fileio import atomic_path
 
@@ -399,7 +399,7 @@ def test_storage_error_message_only_for_conditions_of_the_machine(tmp_path: Path
 
 
 def test_full_disk_during_checkpoint_snapshots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import retinagen.training.checkpoint as ckmod
+    import retinagen.artifact as ckmod
 
     folder = tmp_path / "checkpoints"
     tensors = {"w": torch.arange(4096, dtype=torch.float32)}
