@@ -50,3 +50,23 @@ def synth_zip_16(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = root / "synth16.zip"
     prepare_dataset("eyepacs", root / "raw", 16, out, workers=1, progress=False)
     return out
+
+
+# The judges' smallest useful spec: 16 px, seconds to build (tests of building, loading and scoring).
+TINY_JUDGES = {"resolution": 16, "n_train": 160, "n_reference": 96, "epochs": 1, "min_steps": 10}
+
+
+@pytest.fixture(scope="session")
+def tiny_judges_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The judges of the TINY_JUDGES spec, built once per session (read-only: copy before changing a file)."""
+    import torch
+
+    from retinagen.metrics.judges import JudgeSpec, build_judges
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the build is deterministic for a given thread count; tests rebuild with 2
+    try:
+        return build_judges(JudgeSpec(**TINY_JUDGES), tmp_path_factory.mktemp("tiny_judges") / "judges",
+                            progress=False)
+    finally:
+        torch.set_num_threads(before)

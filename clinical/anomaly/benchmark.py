@@ -30,7 +30,7 @@ from clinical.anomaly.scorer import (
     score_files,
 )
 from retinagen.data.dataset import ZipImageDataset
-from retinagen.data.fundus import circular_mask, preprocess_fundus, to_model_range
+from retinagen.data.preprocess import circular_mask, preprocess_fundus, to_model_range
 from retinagen.errors import (
     ConfigError,
     NoFundusError,

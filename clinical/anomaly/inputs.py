@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from retinagen.data.fundus import preprocess_fundus, to_model_range
 from retinagen.data.imageio import IMAGE_EXTENSIONS, decode_image, is_dicom_file
+from retinagen.data.preprocess import preprocess_fundus, to_model_range
 from retinagen.errors import (
     BadInputError,
     NoFundusError,

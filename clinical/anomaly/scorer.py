@@ -28,8 +28,8 @@ from clinical.anomaly.methods import ScoreMethod, ScoringContext, _need, build_m
 from retinagen import __version__ as retinagen_version
 from retinagen.artifact import read_artifact, write_artifact
 from retinagen.data.dataset import ZipImageDataset
-from retinagen.data.fundus import to_model_range
 from retinagen.data.prepare import report_path_for
+from retinagen.data.preprocess import to_model_range
 from retinagen.errors import (
     CheckpointError,
     ConfigError,

@@ -42,7 +42,7 @@ class UploadAnalysis:
 
 def _preview(pixels: np.ndarray, fov: Any, side: int = 512) -> np.ndarray:
     """uint8 RGB preview (longer side <= ``side``) of decoded pixels, with the FOV circle when given."""
-    from retinagen.data.fundus import to_rgb_float
+    from retinagen.data.preprocess import to_rgb_float
 
     rgb = (np.clip(to_rgb_float(pixels), 0, 1) * 255 + 0.5).astype(np.uint8)
     h, w = rgb.shape[:2]
@@ -66,7 +66,7 @@ def occlusion_heatmap(run: DashboardRun, prepared: np.ndarray, grid: int = 4) ->
     region explains. Only for feature-only scorers (`HEATMAP_METHODS`); `RetinagenError` otherwise.
     """
     from clinical.anomaly import FeatureExtractor
-    from retinagen.data.fundus import circular_mask, to_model_range
+    from retinagen.data.preprocess import circular_mask, to_model_range
 
     scorer = run.scorer
     if scorer is None:
@@ -111,7 +111,7 @@ def analyse_upload(run: DashboardRun, upload: Any, *, heatmap_grid: int | None =
     DICOM. A decodable image without a fundus is not an error: status "no_fundus" with the detector's reason.
     """
     from clinical.anomaly import FeatureExtractor
-    from retinagen.data.fundus import detect_fov, preprocess_fundus, to_model_range
+    from retinagen.data.preprocess import detect_fov, preprocess_fundus, to_model_range
     from retinagen.data.uploads import decode_upload
 
     up = decode_upload(upload)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from retinagen.data.fundus import to_model_range
+from retinagen.data.preprocess import to_model_range
 from retinagen.errors import RetinagenError
 
 __all__ = ["ZipImageDataset", "read_dataset_json"]

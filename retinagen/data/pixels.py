@@ -1,4 +1,4 @@
-"""Pixel formats of fundus photographs: the channel-last arrays `retinagen.data.fundus` accepts, and conversions.
+"""Pixel formats of fundus photographs: the channel-last arrays `retinagen.data.preprocess` accepts, and conversions.
 
 Accepted: ``[H, W]`` or ``[H, W, C]`` with C in (1, 3, 4), RGB(A) order; uint8, uint16, or float16/32/64 in
 [0, 1]. uint16 is divided by 65535, except when every value fits in 12 bits (max <= 4095): then it is taken as

@@ -176,7 +176,7 @@ def prepare_image(
     """
     decoded = decode_image(path, max_pixels=max_pixels)
     if domain == "fundus":
-        from retinagen.data.fundus import preprocess_fundus
+        from retinagen.data.preprocess import preprocess_fundus
 
         pixels = preprocess_fundus(decoded.pixels, resolution, ben_graham=ben_graham)
     elif domain == "face":
@@ -307,7 +307,7 @@ def _mp_context() -> multiprocessing.context.BaseContext:
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
         # Import the heavy modules (torch, MONAI via fundus) once in the server, not per worker.
-        ctx.set_forkserver_preload(["retinagen.data.prepare", "retinagen.data.fundus"])
+        ctx.set_forkserver_preload(["retinagen.data.prepare", "retinagen.data.preprocess"])
         return ctx
     return multiprocessing.get_context("spawn")
 
@@ -530,7 +530,7 @@ def prepare_dataset(
 
     if scan.domain == "fundus":
         # Imported before the clock starts (torch + MONAI take seconds): images/s measures images.
-        import retinagen.data.fundus  # noqa: F401
+        import retinagen.data.preprocess  # noqa: F401
     t_proc = time.perf_counter()
     with atomic_path(out) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:

@@ -12,7 +12,7 @@ Accepted image batches (what the rest of the project hands around):
 Internally each image becomes float32 RGB in [0, 255]; ``H, W >= 16``.
 
 The FOV is estimated per image from the image itself (its brightest channel above a fraction of the
-FOV's own level, largest connected region kept), never by `retinagen.data.fundus.detect_fov`:
+FOV's own level, largest connected region kept), never by `retinagen.data.fov.detect_fov`:
 generated images may have an imperfect black surround or a circle the detector rejects, and a
 probe must return a number for every image.
 

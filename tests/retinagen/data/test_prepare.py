@@ -566,7 +566,7 @@ def test_interrupted_run_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_unexpected_error_in_one_file_is_a_rejection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = write_eyepacs(tmp_path / "e", {f"{i}_left": i % 5 for i in range(4)})
-    from retinagen.data import fundus as fundus_mod
+    from retinagen.data import preprocess as fundus_mod
 
     real_pf = fundus_mod.preprocess_fundus
     calls = {"n": 0}

@@ -49,8 +49,8 @@ def _two_threads() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_judges(TINY, tmp_path_factory.mktemp("tiny") / "judges", progress=False)
+def tiny_dir(tiny_judges_dir: Path) -> Path:
+    return tiny_judges_dir
 
 
 @pytest.fixture(scope="module")

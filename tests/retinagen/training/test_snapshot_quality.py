@@ -91,12 +91,11 @@ def test_quality_n_below_the_feature_width_is_refused(synth_zip_16: Path) -> Non
         _cfg(synth_zip_16, "train.quality_n=50")
 
 
-def test_the_real_scorer_on_a_smoke_run(tmp_path: Path, synth_zip_16: Path) -> None:
-    from retinagen.metrics.judges import JudgeSpec, get_judges
+def test_the_real_scorer_on_a_smoke_run(tmp_path: Path, synth_zip_16: Path, tiny_judges_dir: Path) -> None:
+    from retinagen.metrics.judges import load_judges
     from retinagen.metrics.quality import SnapshotScorer
 
-    judges = get_judges(JudgeSpec(resolution=16, n_train=160, n_reference=96, epochs=1, min_steps=10),
-                        tmp_path / "judges", progress=False)
+    judges = load_judges(tiny_judges_dir)
     cfg = _cfg(synth_zip_16, "train.quality_n=128", kimg=0.032)
     run = tmp_path / "run"
     train(cfg, run, progress=False, snapshot_score=SnapshotScorer(cfg, judges=judges))
