@@ -55,6 +55,7 @@ from pydicom.tag import BaseTag, Tag
 
 from clinical.ps315_basic_profile import ACTIONS, BASIC_PROFILE  # the profile table, as data
 from retinagen import __version__
+from retinagen.checks import Count, Seed, check, int_in
 from retinagen.data.dicom import element_text, silence_pydicom
 from retinagen.errors import BadInputError, DicomError
 from retinagen.fileio import atomic_write_with
@@ -177,17 +178,13 @@ def write_synthetic_dicom(
     _check_text("model_name", model_name, _MAX_LO)
     if not isinstance(checkpoint_sha256, str) or not _SHA256.match(checkpoint_sha256):
         raise ValueError("checkpoint_sha256 must be 64 lowercase hex digits (a sha256 hexdigest)")
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    if grade is not None and (
-        isinstance(grade, bool) or not isinstance(grade, int | np.integer) or not 0 <= grade <= 4
-    ):
-        raise ValueError(f"grade must be a DR grade 0..4 or None, got {grade!r}")
+    seed = check(Seed, seed, "seed")
+    if grade is not None:
+        grade = check(int_in(0, 4), grade, "grade (a DR grade, or None)")
     clean_codes = _check_codes(codes)
     if laterality is not None and laterality not in _LATERALITY:
         raise ValueError(f"laterality must be 'L', 'R' or None, got {laterality!r}")
-    if isinstance(instance_number, bool) or not isinstance(instance_number, int) or instance_number < 1:
-        raise ValueError(f"instance_number must be an integer >= 1, got {instance_number!r}")
+    instance_number = check(Count, instance_number, "instance_number")
     study_uid = _check_or_new_uid("study_instance_uid", study_instance_uid)
     series_uid = _check_or_new_uid("series_instance_uid", series_instance_uid)
     when = _creation_time(created)

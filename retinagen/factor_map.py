@@ -7,11 +7,11 @@ without importing the discovery that samples.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from retinagen.checks import check, number_in
 from retinagen.errors import BadInputError
 from retinagen.fileio import atomic_write_json, read_json
 from retinagen.metrics.attributes import SYNONYMS
@@ -62,9 +62,10 @@ def _validate(data: Any, path: Path | None) -> None:
         if entry.get("kind") not in _KINDS:
             raise bad(f"code {code}: 'kind' must be one of {', '.join(_KINDS)}")
         for key in ("effect", "consistency", "score"):
-            v = entry.get(key, 0.0)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise bad(f"code {code}: {key!r} must be a finite number")
+            try:
+                check(number_in(), entry.get(key, 0.0), f"code {code}: {key!r}")
+            except ValueError as exc:
+                raise bad(str(exc)) from None
         if not 0.0 <= entry.get("consistency", 0.0) <= 1.0:
             raise bad(f"code {code}: 'consistency' must lie in [0, 1]")
         if entry.get("direction", 1) not in (-1, 0, 1):

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from retinagen.checks import check, int_in
 from retinagen.errors import ConfigError
 
 CodeKind = Literal["categorical", "bernoulli", "uniform"]
@@ -168,11 +169,10 @@ class LatentSpec:
             if name not in self.code_names:
                 raise CodeValueError(f"no latent code named {name!r}; codes are c0..c{self.n_codes - 1}")
             return self.code_names.index(name)
-        if isinstance(index_or_name, bool) or not isinstance(index_or_name, int):
-            raise CodeValueError(f"code index must be an int or a name like 'c4', got {index_or_name!r}")
-        if not 0 <= index_or_name < self.n_codes:
-            raise CodeValueError(f"code index {index_or_name} out of range [0, {self.n_codes})")
-        return index_or_name
+        index = check(int_in(), index_or_name, "code index (or a name like 'c4')", CodeValueError)
+        if not 0 <= index < self.n_codes:
+            raise CodeValueError(f"code index {index} out of range [0, {self.n_codes})")
+        return index
 
     # ----------------------------------------------------------------------------------- sampling
     def sample(

@@ -1,7 +1,7 @@
 """Command-line options: what each flag may hold, checked in one place before a command does any work.
 
-Every parameter of every ``retinagen`` command is declared with a *kind* from this module, a pydantic
-``Annotated`` type (``Count = Annotated[int, Field(ge=1), Kind("count")]``), inside the usual typer
+Every parameter of every ``retinagen`` command is declared with a *kind* (numbers from `retinagen.checks`,
+paths and names from this module), a pydantic ``Annotated`` type (``Count = Annotated[int, Field(ge=1), Kind("count")]``), inside the usual typer
 annotation::
 
     n: Annotated[Count, typer.Option(help="Number of images.")] = 500
@@ -25,20 +25,32 @@ import enum
 import functools
 import inspect
 import json
-import math
 import os
 import re
 import struct
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Union, get_args, get_origin
 
 import typer
 from pydantic import AfterValidator, ConfigDict, Field, ValidationError, create_model
 
+from retinagen.checks import (  # noqa: F401 - the kinds of numbers, re-exported for the commands
+    Count,
+    CountAtLeast2,
+    Grade,
+    Kind,
+    Multiplier,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    Probability,
+    Seed,
+    UnitInterval,
+    int_in,
+)
 from retinagen.errors import RetinagenError
 from retinagen.run_dir import RunDir
 
@@ -48,17 +60,6 @@ __all__ = [
     "kinds_of",
     "validated",
 ]
-
-
-@dataclass(frozen=True)
-class Kind:
-    """Marks an option type with the name of its kind (tests enumerate the kinds to try bad values).
-
-    ``expect`` (numbers): what a valid value is, for the error line (``--n must be an integer >= 1, got 0``).
-    """
-
-    name: str
-    expect: str | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -403,12 +404,6 @@ def _power_of_two(n: int) -> int:
     return n
 
 
-def _finite(x: float) -> float:
-    if not math.isfinite(x):
-        raise ValueError("must be a finite number")
-    return x
-
-
 # --------------------------------------------------------------------------------------------------
 # The kinds
 
@@ -417,29 +412,11 @@ def _path(check: Callable[[Path], Path], name: str) -> Any:
     return Annotated[Path, AfterValidator(check), Kind(name)]
 
 
-Count = Annotated[int, Field(ge=1), Kind("count", "an integer >= 1")]
-"""A number of things (images, repeats, a batch size): >= 1."""
-CountAtLeast2 = Annotated[int, Field(ge=2), Kind("count>=2", "an integer >= 2")]
-"""A number of values or bins along an axis, or of samples a spread is estimated from: >= 2."""
-NonNegativeInt = Annotated[int, Field(ge=0), Kind("int>=0", "an integer >= 0")]
-Seed = Annotated[int, Field(ge=0, le=2**63 - 1), Kind("seed", "an integer in [0, 2**63 - 1]")]
-Grade = Annotated[int, Field(ge=0, le=999), Kind("grade", "a class index in [0, 999]")]
-"""A DR grade (class index); the model's own number of classes is checked once it is loaded."""
-Port = Annotated[int, Field(ge=1, le=65535), Kind("port", "a port in [1, 65535]")]
-SynthResolution = Annotated[int, Field(ge=16, le=1024), Kind("synth-resolution", "an integer in [16, 1024]")]
+Port = int_in(1, 65535, name="port", expect="a port in [1, 65535]")
+SynthResolution = int_in(16, 1024, name="synth-resolution")
 PreparedResolution = Annotated[
     int, Field(ge=8, le=2048), AfterValidator(_power_of_two), Kind("prepared-resolution", "a power of two in [8, 2048]")
 ]
-Probability = Annotated[float, Field(gt=0.0, lt=1.0), AfterValidator(_finite), Kind("probability", "a number in (0, 1)")]
-"""A rate or a share strictly between 0 and 1 (an FPR, a test fraction)."""
-UnitInterval = Annotated[
-    float, Field(ge=0.0, le=1.0), AfterValidator(_finite), Kind("unit-interval", "a number in [0, 1]")
-]
-PositiveFloat = Annotated[float, Field(gt=0.0), AfterValidator(_finite), Kind("float>0", "a finite number > 0")]
-NonNegativeFloat = Annotated[
-    float, Field(ge=0.0), AfterValidator(_finite), Kind("float>=0", "a finite number >= 0")
-]
-Multiplier = Annotated[float, Field(ge=1.0), AfterValidator(_finite), Kind("float>=1", "a finite number >= 1")]
 
 ReadableFile = _path(_readable_file, "file")
 ReadableDir = _path(_readable_dir, "folder")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from clinical.anomaly.features import FeatureExtractor
+from retinagen.checks import Count, CountAtLeast2, NonNegativeFloat, NonNegativeInt, PositiveFloat, check
 from retinagen.errors import (
     CheckpointError,
     ConfigError,
@@ -199,9 +200,7 @@ class KnnMethod(ScoreMethod):
     name = "knn"
 
     def __init__(self, k: int = 5) -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ConfigError(f"knn: k must be an integer >= 1, got {k!r}")
-        self.k = k
+        self.k = check(Count, k, "knn: k", ConfigError)
         self.reference: np.ndarray | None = None
 
     def options(self) -> dict[str, Any]:
@@ -261,21 +260,18 @@ class FanoganMethod(ScoreMethod):
         scale_images: int = 64,
         batch_size: int = 64,
     ) -> None:
-        for key, v, lo in (("kappa", kappa, 0.0), ("ridge_alpha", ridge_alpha, 0.0)):
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < lo:
-                raise ConfigError(f"fanogan: {key} must be a finite number >= {lo:g}, got {v!r}")
-        for key, v, lo in (
-            ("steps", steps, 0),
-            ("grade", grade, 0),
-            ("seed", seed, 0),
-            ("encoder_samples", encoder_samples, 2),
-            ("scale_images", scale_images, 1),
-            ("batch_size", batch_size, 1),
+        for key, v, kind in (
+            ("kappa", kappa, NonNegativeFloat),
+            ("ridge_alpha", ridge_alpha, NonNegativeFloat),
+            ("lr", lr, PositiveFloat),
+            ("steps", steps, NonNegativeInt),
+            ("grade", grade, NonNegativeInt),
+            ("seed", seed, NonNegativeInt),
+            ("encoder_samples", encoder_samples, CountAtLeast2),
+            ("scale_images", scale_images, Count),
+            ("batch_size", batch_size, Count),
         ):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ConfigError(f"fanogan: {key} must be an integer >= {lo}, got {v!r}")
-        if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0:
-            raise ConfigError(f"fanogan: lr must be > 0, got {lr!r}")
+            check(kind, v, f"fanogan: {key}", ConfigError)
         self.kappa, self.steps, self.lr, self.grade, self.seed = float(kappa), steps, float(lr), grade, seed
         self.encoder_samples, self.ridge_alpha = encoder_samples, float(ridge_alpha)
         self.scale_images, self.batch_size = scale_images, batch_size

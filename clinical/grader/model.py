@@ -14,14 +14,28 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import AfterValidator
 from torch import nn
 
 from clinical.grader.data import GradedImages, _counts, _iter_batches, resize_uint8
+from retinagen.checks import (
+    Count,
+    CountAtLeast2,
+    Kind,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    check,
+    check_fields,
+    int_in,
+    number_in,
+    one_of,
+)
 from retinagen.dr_scale import NUM_GRADES
 from retinagen.errors import CheckpointError, ConfigError, RetinagenError
 from retinagen.progress import progress_bar
@@ -87,6 +101,21 @@ ARCH_DESCRIPTIONS = {
 # Config
 
 
+def _device_name(name: str) -> str:
+    if not (name in ("auto", "cpu") or name.startswith("cuda")):
+        raise ValueError("must be 'auto', 'cpu' or 'cuda[:i]'")
+    return name
+
+
+Arch = one_of(ARCHITECTURES, "grader-arch")
+Loss = one_of(LOSS_DESCRIPTIONS, "grader-loss")
+GraderResolution = int_in(MIN_RESOLUTION, 1024)
+BatchSize = int_in(2)
+Fraction = number_in(0.0, 1.0, high_open=True)  # [0, 1)
+Rotation = number_in(0.0, 180.0)
+GraderDevice = Annotated[str, AfterValidator(_device_name), Kind("grader-device", "'auto', 'cpu' or 'cuda[:i]'")]
+
+
 @dataclass(frozen=True)
 class GraderConfig:
     """How a grader is built and trained; every arm of a comparison uses the same one.
@@ -96,56 +125,31 @@ class GraderConfig:
     half-widths of uniform draws. ``device``: "auto" (CUDA when available), "cpu" or "cuda[:i]".
     ``amp``: bf16 autocast on CUDA. Training images are held in memory as uint8 when they fit in
     ``cache_max_bytes``, otherwise streamed from disk by ``num_workers`` DataLoader workers.
+    Every field is checked against its kind (`retinagen.checks`) when a config is made.
     """
 
-    arch: str = "densenet_small"
-    resolution: int = 32
-    batch_size: int = 64
-    steps: int = 1000
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    warmup_fraction: float = 0.05
-    loss: str = "ce"
+    arch: Arch = "densenet_small"
+    resolution: GraderResolution = 32
+    batch_size: BatchSize = 64
+    steps: Count = 1000
+    lr: PositiveFloat = 2e-3
+    weight_decay: NonNegativeFloat = 1e-4
+    warmup_fraction: Fraction = 0.05
+    loss: Loss = "ce"
     augment: bool = True
-    max_rotation_deg: float = 15.0
-    max_scale: float = 0.1
-    max_shift: float = 0.05
-    brightness: float = 0.2
-    contrast: float = 0.2
-    eval_batch_size: int = 256
-    num_workers: int = 0
-    device: str = "auto"
+    max_rotation_deg: Rotation = 15.0
+    max_scale: Fraction = 0.1
+    max_shift: NonNegativeFloat = 0.05
+    brightness: Fraction = 0.2
+    contrast: Fraction = 0.2
+    eval_batch_size: Count = 256
+    num_workers: NonNegativeInt = 0
+    device: GraderDevice = "auto"
     amp: bool = False
-    cache_max_bytes: int = 4 << 30
+    cache_max_bytes: NonNegativeInt = 4 << 30
 
     def __post_init__(self) -> None:
-        def bad(key: str, why: str) -> ConfigError:
-            return ConfigError(f"grader config {key}: {why}, got {getattr(self, key)!r}")
-
-        if self.arch not in ARCHITECTURES:
-            raise bad("arch", f"must be one of {', '.join(ARCHITECTURES)}")
-        if self.loss not in LOSS_DESCRIPTIONS:
-            raise bad("loss", f"must be one of {', '.join(LOSS_DESCRIPTIONS)}")
-        for key, low in (("resolution", MIN_RESOLUTION), ("batch_size", 2), ("steps", 1), ("eval_batch_size", 1),
-                         ("num_workers", 0), ("cache_max_bytes", 0)):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise bad(key, f"must be an integer >= {low}")
-        if self.resolution > 1024:
-            raise bad("resolution", "must be <= 1024")
-        for key in ("lr", "weight_decay", "warmup_fraction", "max_rotation_deg", "max_scale", "max_shift",
-                    "brightness", "contrast"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
-                raise bad(key, "must be a finite number >= 0")
-        if self.lr <= 0:
-            raise bad("lr", "must be > 0")
-        if self.warmup_fraction >= 1 or self.max_scale >= 1 or self.brightness >= 1 or self.contrast >= 1:
-            raise ConfigError("grader config: warmup_fraction, max_scale, brightness and contrast must be < 1")
-        if self.max_rotation_deg > 180:
-            raise bad("max_rotation_deg", "must be <= 180")
-        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
-            raise bad("device", "must be 'auto', 'cpu' or 'cuda[:i]'")
+        check_fields(self, "grader config")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -438,10 +442,8 @@ def load_grader(path: str | Path, device: str | torch.device = "cpu") -> Grader:
     arch, res, k = meta.get("arch"), meta.get("resolution"), meta.get("num_classes")
     if arch not in ARCHITECTURES:
         raise CheckpointError(f"{path}: unknown grader architecture {arch!r} (known: {', '.join(ARCHITECTURES)})")
-    if isinstance(res, bool) or not isinstance(res, int) or res < MIN_RESOLUTION:
-        raise CheckpointError(f"{path}: invalid resolution {res!r} in its metadata")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
-        raise CheckpointError(f"{path}: invalid num_classes {k!r} in its metadata")
+    check(int_in(MIN_RESOLUTION), res, f"{path}: the resolution in its metadata", CheckpointError)
+    check(CountAtLeast2, k, f"{path}: num_classes in its metadata", CheckpointError)
     net = ARCHITECTURES[arch](k)
     try:
         net.load_state_dict(ck.module_state("net"), strict=True)

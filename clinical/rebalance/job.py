@@ -99,6 +99,7 @@ from clinical.rebalance.targets import (
     try_seed,
 )
 from retinagen import __version__
+from retinagen.checks import Count, Multiplier, Seed, UnitInterval, check
 from retinagen.data.dataset import ZipImageDataset, read_dataset_json
 from retinagen.errors import BadInputError, ConfigError, RetinagenError
 from retinagen.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
@@ -465,14 +466,10 @@ def rebalance(
 
 
 def _check_arguments(seed: Any, gate_threshold: Any, max_tries_factor: Any, batch_size: Any) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"--seed must be a non-negative integer, got {seed!r}")
-    if not (isinstance(gate_threshold, (int, float)) and math.isfinite(gate_threshold) and 0 <= gate_threshold <= 1):
-        raise ConfigError(f"--gate-threshold must be a number in [0, 1], got {gate_threshold!r}")
-    if not (isinstance(max_tries_factor, (int, float)) and math.isfinite(max_tries_factor) and max_tries_factor >= 1):
-        raise ConfigError(f"max_tries_factor must be a number >= 1, got {max_tries_factor!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
+    check(Seed, seed, "--seed", ConfigError)
+    check(UnitInterval, gate_threshold, "--gate-threshold", ConfigError)
+    check(Multiplier, max_tries_factor, "max_tries_factor", ConfigError)
+    check(Count, batch_size, "--batch-size", ConfigError)
 
 
 def _plan(

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import torch
 
+from retinagen.checks import check, int_in
 from retinagen.dashboard_api.run import DashboardRun
 from retinagen.errors import NoFundusError, RetinagenError
 
@@ -76,8 +77,7 @@ def occlusion_heatmap(run: DashboardRun, prepared: np.ndarray, grid: int = 4) ->
     r = prepared.shape[0]
     if prepared.shape != (r, r, 3) or prepared.dtype != np.uint8:
         raise ValueError(f"prepared must be uint8 [R, R, 3], got {prepared.dtype} {prepared.shape}")
-    if isinstance(grid, bool) or not isinstance(grid, int) or not 2 <= grid <= r:
-        raise ValueError(f"grid must be an integer in 2..{r}, got {grid!r}")
+    grid = check(int_in(2, r), grid, "grid")
     smooth = cv2.GaussianBlur(prepared.astype(np.float32), (0, 0), sigmaX=r / 8.0)
     smooth = (np.clip(smooth, 0, 255) + 0.5).astype(np.uint8) * circular_mask(r, r)[:, :, None].astype(np.uint8)
     edges = np.linspace(0, r, grid + 1).round().astype(int)

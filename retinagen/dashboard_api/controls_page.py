@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import torch
 
+from retinagen.checks import Seed, check, int_in
 from retinagen.dashboard_api.run import DashboardRun
 from retinagen.errors import BadInputError, RetinagenError
 from retinagen.generation import (
@@ -54,9 +55,7 @@ def code_controls(run: DashboardRun) -> list[CodeControl]:
 
 
 def _check_seed(seed: int) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise RetinagenError(f"seed must be an integer >= 0, got {seed!r}")
-    return int(seed)
+    return check(Seed, seed, "seed", RetinagenError)
 
 
 def seed_code_values(model: LoadedModel, seed: int, grade: int | None = None) -> dict[int, float]:
@@ -87,10 +86,8 @@ def traversal_sheet(model: LoadedModel, seed: int, grade: int | None, codes: Map
     """
     spec = model.spec
     idx = spec.code_index(factor)
-    if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= 16:
-        raise RetinagenError(f"samples must be an integer in 1..16, got {samples!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 2 <= steps <= 15:
-        raise RetinagenError(f"steps must be an integer in 2..15, got {steps!r}")
+    samples = check(int_in(1, 16), samples, "samples", RetinagenError)
+    steps = check(int_in(2, 15), steps, "steps", RetinagenError)
     seed = _check_seed(seed)
     sample, grades = sample_latents(model, [image_seed(seed, i) for i in range(samples)], grade)
     row0 = torch.zeros(samples, dtype=torch.bool)
@@ -192,8 +189,7 @@ def start_review_set(run: DashboardRun, code: int, *, n: int, steps: int, seed: 
     from retinagen.metrics.review_store import check_reviewer
 
     who = check_reviewer(reviewer)
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 200:
-        raise RetinagenError(f"N must be an integer in 1..200, got {n!r}")
+    n = check(int_in(1, 200), n, "N", RetinagenError)
     seed = _check_seed(seed)
     store = review_store(run)
     rel = Path(REVIEW_DIR) / f"set-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"

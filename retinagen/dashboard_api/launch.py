@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from retinagen.checks import check, int_in
 from retinagen.errors import RetinagenError
 
 DEFAULT_HOST = "127.0.0.1"
@@ -70,8 +71,7 @@ def streamlit_command(
     watcher, uploads capped at ``max_upload_mb`` by the server as well as by `retinagen.data.uploads`, no
     full garbage collection after every rerun (it alone costs ~300 ms per widget change with torch loaded).
     """
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise RetinagenError(f"--port must be an integer in 1..65535, got {port!r}")
+    port = check(int_in(1, 65535), port, "--port", RetinagenError)
     cmd = [
         sys.executable, "-m", "streamlit", "run", str(app_path()),
         "--server.headless", "true",

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from retinagen.checks import Count, check
 from retinagen.data.preprocess import to_model_range
 from retinagen.errors import RetinagenError
 
@@ -172,8 +173,7 @@ class ZipImageDataset(Dataset):
             resolution = meta.get("resolution")
             if resolution is None:
                 resolution = self._first_size(zf, names[0])
-            if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
-                raise RetinagenError(f"{self.path}: dataset.json 'resolution' must be a positive integer")
+            resolution = check(Count, resolution, f"{self.path}: dataset.json 'resolution'", RetinagenError)
             self.resolution: int = resolution
             self._check_header(zf, names[0])
 

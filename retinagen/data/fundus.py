@@ -18,6 +18,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_data_type
 
+from retinagen.checks import check, int_in
 from retinagen.data.fov import FOV, detect_fov
 from retinagen.data.pixels import as_hwc, rgb_float, to_rgb_float, value_scale
 from retinagen.data.preprocess import (
@@ -166,9 +167,7 @@ class FundusPreprocess(Transform):
     ) -> None:
         if output not in ("float", "uint8"):
             raise ValueError(f'output must be "float" or "uint8", got {output!r}')
-        if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 8:
-            raise ValueError(f"resolution must be an int >= 8, got {resolution!r}")
-        self.resolution = resolution
+        self.resolution = check(int_in(8), resolution, "resolution")
         self.ben_graham = ben_graham
         self.mask = mask
         self.output = output

@@ -48,6 +48,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from retinagen.checks import Count, check
 from retinagen.errors import BadInputError, DicomError, ImageDecodeError, UnsafePathError
 
 __all__ = [
@@ -170,8 +171,7 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.
 
 def decode_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
     """Like `read_image`, also returning the detected format and any warnings."""
-    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
-        raise ValueError(f"max_pixels must be an int >= 1, got {max_pixels!r}")
+    max_pixels = check(Count, max_pixels, "max_pixels")
     p = Path(path)
     try:
         st = p.stat()

@@ -66,6 +66,7 @@ import cv2
 import numpy as np
 
 from retinagen import __version__
+from retinagen.checks import Count, check, int_in
 from retinagen.data.imageio import DEFAULT_MAX_PIXELS, decode_image
 from retinagen.data.sources import SPLIT_NAMES, Record, Rejected, SourceScan, scan_source
 from retinagen.errors import BadInputError, RetinagenError
@@ -418,8 +419,7 @@ def _chunks(records: Sequence[Record], size: int) -> Iterator[list[_Task]]:
 def _check_args(
     dataset: str, data_root: Path, resolution: int, out: Path, workers: int | None, max_pixels: int
 ) -> int:
-    if isinstance(resolution, bool) or not isinstance(resolution, int):
-        raise RetinagenError(f"--resolution must be an integer, got {resolution!r}")
+    check(int_in(), resolution, "--resolution", RetinagenError)
     if not (MIN_RESOLUTION <= resolution <= MAX_RESOLUTION) or resolution & (resolution - 1):
         raise RetinagenError(
             f"--resolution must be a power of two from {MIN_RESOLUTION} to {MAX_RESOLUTION} (StyleGAN's "
@@ -429,13 +429,10 @@ def _check_args(
         raise RetinagenError(f"--out must name a .zip file, got {out}")
     if out.is_dir():
         raise RetinagenError(f"--out {out} is a folder; give a .zip file name")
-    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
-        raise RetinagenError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    check(Count, max_pixels, "max_pixels", RetinagenError)
     if workers is None:
         return max(1, min(2, os.cpu_count() or 1))
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise RetinagenError(f"--workers must be an integer >= 1, got {workers!r}")
-    return workers
+    return check(Count, workers, "--workers", RetinagenError)
 
 
 def _refuse_overwriting_inputs(

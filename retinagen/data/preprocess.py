@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 import torch
 
+from retinagen.checks import check, int_in
 from retinagen.data.fov import FOV, detect_fov
 from retinagen.data.pixels import as_hwc, resize, rgb_float, to_rgb_float, value_scale
 
@@ -130,8 +131,7 @@ def preprocess_fundus(
     resolution / 2 * (1 - MASK_MARGIN) if `mask`. Deterministic. Raises NoFundusError from
     detection, ValueError on bad shapes/dtypes.
     """
-    if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 8:
-        raise ValueError(f"resolution must be an int >= 8, got {resolution!r}")
+    resolution = check(int_in(8), resolution, "resolution")
     arr = as_hwc(img)
     if fov is None:
         fov = detect_fov(arr)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from retinagen.checks import check, int_in
 from retinagen.dr_scale import NUM_GRADES
 from retinagen.errors import ConfigError
 
@@ -68,8 +69,7 @@ class SynthArgumentError(ConfigError, ValueError):
 
 
 def check_resolution(resolution: int) -> int:
-    if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)):
-        raise SynthArgumentError(f"resolution must be an integer, got {resolution!r}")
+    resolution = check(int_in(), resolution, "resolution", SynthArgumentError)
     if not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
         raise SynthArgumentError(
             f"resolution must be in [{MIN_RESOLUTION}, {MAX_RESOLUTION}], got {resolution}"
@@ -119,8 +119,7 @@ class FundusFactors:
             value = getattr(self, f.name)
             lo, hi = FACTOR_RANGES[f.name]
             if f.name in _INT_FACTORS:
-                if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                    raise SynthArgumentError(f"factor {f.name} must be an integer, got {value!r}")
+                check(int_in(), value, f"factor {f.name}", SynthArgumentError)
             elif not isinstance(value, (int, float, np.floating, np.integer)) or not math.isfinite(value):
                 raise SynthArgumentError(f"factor {f.name} must be a finite number, got {value!r}")
             if not lo <= value <= hi:
@@ -233,8 +232,8 @@ def sample_factors(
     p = check_grade_probs(grade_probs)
     if laterality is not None and laterality not in LATERALITY_CODES:
         raise SynthArgumentError(f"laterality must be 'left', 'right' or None, got {laterality!r}")
-    if grade is not None and (isinstance(grade, bool) or grade not in range(NUM_GRADES)):
-        raise SynthArgumentError(f"grade must be an integer 0-4 or None, got {grade!r}")
+    if grade is not None:
+        grade = check(int_in(0, NUM_GRADES - 1), grade, "grade (or None)", SynthArgumentError)
     u = rng.random(16)
     seeds = rng.integers(0, MAX_SEED, size=2, endpoint=True)
     lat = laterality if laterality is not None else ("right" if u[0] < 0.5 else "left")

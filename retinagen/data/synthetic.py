@@ -63,6 +63,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from retinagen.checks import Count, Seed, check
 from retinagen.data.synth_factors import (
     DEFAULT_GRADE_PROBS,
     FACTOR_RANGES,
@@ -219,17 +220,13 @@ def write_synth_dataset(
         workers: processes rendering in parallel; None -> min(2, cpu count); 1 -> in this process.
         progress: show a progress bar on stderr.
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise SynthArgumentError(f"n must be an integer >= 1, got {n!r}")
+    n = check(Count, n, "n", SynthArgumentError)
     res = check_resolution(resolution)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise SynthArgumentError(f"seed must be a non-negative integer, got {seed!r}")
+    seed = check(Seed, seed, "seed", SynthArgumentError)
     probs = check_grade_probs(grade_probs)
     if workers is None:
         workers = min(2, os.cpu_count() or 1)
-    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
-        raise SynthArgumentError(f"workers must be an integer >= 1 or None, got {workers!r}")
-    n, seed, workers = int(n), int(seed), int(workers)
+    workers = check(Count, workers, "workers (or None)", SynthArgumentError)
     out = Path(out)
     _check_out(out)
 

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from retinagen.checks import Count, check
 from retinagen.data.imageio import decode_image, sniff_format
 from retinagen.errors import BadInputError
 
@@ -108,8 +109,7 @@ def check_upload(data: bytes, *, max_bytes: int = MAX_UPLOAD_BYTES) -> str:
 
     Checks, in order: not empty, at most ``max_bytes``, magic bytes of an accepted type.
     """
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
-        raise ValueError(f"max_bytes must be an int >= 1, got {max_bytes!r}")
+    max_bytes = check(Count, max_bytes, "max_bytes")
     if not data:
         raise UploadError("empty file (0 bytes)")
     if len(data) > max_bytes:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from retinagen.checks import check, int_in
 from retinagen.fileio import atomic_write_bytes, atomic_write_json
 from retinagen.progress import progress_bar
 
@@ -134,8 +135,8 @@ def acm_from_marks(marks: Mapping[int, bool] | Sequence[bool]) -> ACMResult:
     """
     if isinstance(marks, Mapping):
         items = [marks[k] for k in sorted(marks)]
-        if any(not isinstance(k, int | np.integer) or isinstance(k, bool) for k in marks):
-            raise ValueError("mark keys must be integer sample indices")
+        for k in marks:
+            check(int_in(), k, "a mark key (an integer sample index)")
     else:
         items = list(marks)
     if not items:

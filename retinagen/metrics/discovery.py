@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from retinagen.checks import Count, CountAtLeast2, check
 from retinagen.factor_map import (  # the map's file format lives there; re-exported for callers of this module
     FACTOR_MAP_SCHEMA,
     attribute_codes,
@@ -245,12 +246,8 @@ def discover_factors(
     """
     from retinagen.generation import image_seed, run_generator, sample_latents, traversal_values
 
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ValueError(f"n must be an integer >= 2, got {n!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-        raise ValueError(f"steps must be an integer >= 2, got {steps!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    n, steps = check(CountAtLeast2, n, "n"), check(CountAtLeast2, steps, "steps")
+    batch_size = check(Count, batch_size, "batch_size")
     if min(min_effect, tolerance, min_score, min_spread) < 0:
         raise ValueError("min_effect, tolerance, min_score and min_spread must be >= 0")
     builtin, extra = _probe_fns(probes, grader)

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from retinagen.checks import check, int_in
 from retinagen.errors import BadInputError, RetinagenError
 from retinagen.metrics.acm import ACMResult, acm_from_marks
 
@@ -342,8 +343,7 @@ class ReviewStore:
         who = check_reviewer(reviewer)
         if not isinstance(consistent, bool):
             raise RetinagenError(f"a mark must be True or False, got {consistent!r}")
-        if isinstance(sample_index, bool) or not isinstance(sample_index, int):
-            raise RetinagenError(f"sample index must be an integer, got {sample_index!r}")
+        sample_index = check(int_in(), sample_index, "sample index", RetinagenError)
         with self._write() as con:
             row = con.execute("SELECT n FROM review_sets WHERE id = ?", (int(set_id),)).fetchone()
             if row is None:
