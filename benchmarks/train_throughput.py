@@ -397,7 +397,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="print torch.profiler's per-op table (self time) over --steps steps (default 16)")
     ap.add_argument("--top", type=int, default=25, help="--profile: rows of the table (default 25)")
+    ap.add_argument("--peak-n", type=int, default=2048,
+                    help="side of the square GEMM the matmul peak is measured on (default 2048; smaller is "
+                         "faster and reads lower: for quick checks, not for reported figures)")
     args = ap.parse_args(argv)
+    if args.peak_n < 64:
+        ap.error("--peak-n must be at least 64")
     if args.baseline:  # checked before the minute-long peak measurement
         import subprocess
 
@@ -421,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     resolutions = [int(r) for r in (args.resolutions or "64,128,256").split(",")]
     widths = (args.widths or "cpu,paper").split(",")
     peak_dtype = torch.bfloat16 if (device.type == "cuda" and args.amp != "off") else torch.float32
-    peak, peak_path = matmul_peak(device, peak_dtype)
+    peak, peak_path = matmul_peak(device, peak_dtype, n=args.peak_n)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; measured dense matmul peak ({peak_dtype}, {peak_path}): {peak / 1e12:.3f} TFLOP/s")
     if args.baseline:

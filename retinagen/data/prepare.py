@@ -521,12 +521,12 @@ def prepare_dataset(
     kept: list[tuple[str, int]] = []  # (member name, record index)
     eyes_found: dict[int, str] = {}
     if workers is None and len(records) < _MIN_RECORDS_FOR_PROCESSES:
-        # Starting worker processes (importing torch / MONAI once) costs seconds; not worth it here.
+        # Starting worker processes (each imports torch) costs seconds; not worth it here.
         n_workers = 1
     chunk = _chunk_size(len(records), n_workers, resolution)
 
     if scan.domain == "fundus":
-        # Imported before the clock starts (torch + MONAI take seconds): images/s measures images.
+        # Imported before the clock starts (torch takes seconds): images/s measures images.
         import retinagen.data.preprocess  # noqa: F401
     t_proc = time.perf_counter()
     with atomic_path(out) as tmp:
@@ -546,27 +546,12 @@ def prepare_dataset(
             sorted(Counter(records[i].label for _, i in kept if records[i].label is not None).items())
         )
         report = _report(
-            dataset=dataset,
-            data_root=data_root,
-            out=out,
-            labels=labels,
-            resolution=resolution,
-            ben_graham=ben_graham,
-            workers=n_workers,
-            split_seed=split_seed,
-            fractions=fractions,
-            max_pixels=max_pixels,
-            scan=scan,
-            kept=kept,
-            records=records,
-            splits=splits,
-            rejected=rejected,
-            warnings=warnings,
-            label_counts=label_counts,
-            elapsed_s=time.perf_counter() - t0,
-            proc_s=proc_s,
+            dataset=dataset, data_root=data_root, out=out, labels=labels, resolution=resolution,
+            ben_graham=ben_graham, workers=n_workers, split_seed=split_seed, fractions=fractions,
+            max_pixels=max_pixels, scan=scan, kept=kept, records=records, splits=splits, rejected=rejected,
+            warnings=warnings, label_counts=label_counts, elapsed_s=time.perf_counter() - t0, proc_s=proc_s,
             images_per_s=images_per_s,
-        )
+        )  # fmt: skip
         if not kept:
             report["out_written"] = False
             atomic_write_json(report_path, report)

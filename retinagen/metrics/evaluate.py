@@ -292,6 +292,37 @@ def _stats_cache(stats_cache: str | Path | None | bool, files: Path) -> tuple[An
     return cache, cache_root
 
 
+def _report_folders(out_json: Path, data_zip: Path) -> tuple[Path, str]:
+    """Check the report path and the data; create the report's image folder: (folder, its name)."""
+    if out_json.suffix.lower() != ".json":
+        raise BadInputError(out_json, "the report path must end in .json (REPORT.md is written beside it)")
+    if not data_zip.is_file():
+        raise BadInputError(data_zip, "dataset ZIP not found (make one with retinagen prepare)")
+    files = out_json.parent / f"{out_json.stem}_files"
+    files.mkdir(parents=True, exist_ok=True)
+    return files, files.name
+
+
+def _assemble_report(ev: _Evaluation, out_json: Path, settings: dict[str, Any], sections: dict[str, Any],
+                     fmap_info: dict[str, Any] | None, linfo: Any, grids: Any) -> dict[str, Any]:
+    """REPORT.json's content, in its documented key order (without ``total_seconds``)."""
+    from retinagen import __version__
+
+    return {
+        "schema": REPORT_SCHEMA,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "retinagen_version": __version__,
+        **_model_and_data(ev.model, ev.dataset, ev.data_zip, ev.real.fingerprint),
+        "settings": settings,
+        "metrics": sections,
+        "factor_map": fmap_info or None,
+        "linfo": linfo,
+        "traversals": grids,
+        "files": {"markdown": out_json.with_suffix(".md").name, "images": ev.rel},
+        "timings_s": ev.timings,
+    }
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     data_zip: str | Path,
@@ -353,14 +384,7 @@ def evaluate_checkpoint(
     t_start = time.perf_counter()
     wanted = _check_evaluate_args(metrics, repeats, acm_n, top_factors, batch_size, n_samples)
     out_json, data_zip = Path(out_json), Path(data_zip)
-    if out_json.suffix.lower() != ".json":
-        raise BadInputError(out_json, "the report path must end in .json (REPORT.md is written beside it)")
-    if not data_zip.is_file():
-        raise BadInputError(data_zip, "dataset ZIP not found (make one with retinagen prepare)")
-    out_dir = out_json.parent
-    files = out_dir / f"{out_json.stem}_files"
-    rel = files.name
-    files.mkdir(parents=True, exist_ok=True)
+    files, rel = _report_folders(out_json, data_zip)
 
     t0 = time.perf_counter()
     model = load_model(checkpoint, device)
@@ -374,7 +398,7 @@ def evaluate_checkpoint(
     ev = _Evaluation(
         model=model, dataset=dataset, real=real, data_zip=data_zip, n_gen=n_gen, repeats=repeats, seed=seed,
         cache=cache, cache_root=cache_root, files=files, rel=rel, batch_size=batch_size, progress=progress,
-        device=device, factor_map_path=factor_map, discovered_path=out_dir / f"{out_json.stem}_FACTORS.json",
+        device=device, factor_map_path=factor_map, discovered_path=out_json.parent / f"{out_json.stem}_FACTORS.json",
         options={
             "inception_weights": inception_weights, "fundus_encoder": fundus_encoder,
             "encoder_epochs": encoder_epochs, "encoder_min_steps": encoder_min_steps,
@@ -399,29 +423,9 @@ def evaluate_checkpoint(
         grids = skipped("no latent codes" if model.spec.n_codes == 0 else "top_factors = 0")
     ev.timed("traversals", t0)
 
-    from retinagen import __version__
-
-    report: dict[str, Any] = {
-        "schema": REPORT_SCHEMA,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "retinagen_version": __version__,
-        **_model_and_data(model, dataset, data_zip, real.fingerprint),
-        "settings": {
-            "metrics": wanted,
-            "n_samples": n_gen,
-            "repeats": repeats,
-            "seed": seed,
-            **{k: ev.options[k] for k in _RECORDED_OPTIONS},
-            "batch_size": batch_size,
-            "device": str(device),
-        },
-        "metrics": sections,
-        "factor_map": fmap_info or None,
-        "linfo": linfo,
-        "traversals": grids,
-        "files": {"markdown": out_json.with_suffix(".md").name, "images": rel},
-        "timings_s": timings,
-    }
+    settings = {"metrics": wanted, "n_samples": n_gen, "repeats": repeats, "seed": seed,
+                **{k: ev.options[k] for k in _RECORDED_OPTIONS}, "batch_size": batch_size, "device": str(device)}
+    report = _assemble_report(ev, out_json, settings, sections, fmap_info, linfo, grids)
     report["total_seconds"] = round(time.perf_counter() - t_start, 3)
     report = jsonable(report)
     atomic_write_json(out_json, report)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(
 def _bench(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--widths", "cpu", "--resolutions", "8",
-         "--batch", "4", "--threads", "1", *args],
+         "--batch", "4", "--threads", "1", "--peak-n", "256", *args],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )  # fmt: skip
 
