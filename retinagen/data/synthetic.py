@@ -193,6 +193,9 @@ def _fmt(v: int | float) -> int | str:
     return v if isinstance(v, int) else repr(float(v))  # repr round-trips floats exactly
 
 
+_MIN_PIXELS_FOR_PROCESSES = 2**20  # below this the default (workers=None) renders in this process
+
+
 def write_synth_dataset(
     out: Path,
     n: int,
@@ -217,7 +220,8 @@ def write_synth_dataset(
         resolution: image width (and height of uncut photographs), 16-1024.
         seed: non-negative integer.
         grade_probs: probabilities of DR grades 0-4 (5 non-negative numbers summing to 1).
-        workers: processes rendering in parallel; None -> min(2, cpu count); 1 -> in this process.
+        workers: processes rendering in parallel; None -> min(2, cpu count), or this process alone for a set
+            small enough to render in about a second (n * resolution**2 < 2**20 pixels); 1 -> in this process.
         progress: show a progress bar on stderr.
     """
     n = check(Count, n, "n", SynthArgumentError)
@@ -225,7 +229,8 @@ def write_synth_dataset(
     seed = check(Seed, seed, "seed", SynthArgumentError)
     probs = check_grade_probs(grade_probs)
     if workers is None:
-        workers = min(2, os.cpu_count() or 1)
+        # Starting a worker process costs about a second; a small set renders faster than that here.
+        workers = 1 if n * res * res < _MIN_PIXELS_FOR_PROCESSES else min(2, os.cpu_count() or 1)
     workers = check(Count, workers, "workers (or None)", SynthArgumentError)
     out = Path(out)
     _check_out(out)
