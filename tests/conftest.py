@@ -70,3 +70,16 @@ def tiny_judges_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                             progress=False)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def smoke_run_master(synth_zip_16: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A smoke-preset run trained once per session on `synth_zip_16` (read-only: tests that write into a run
+    use a copy, `shutil.copytree(smoke_run_master, ...)`)."""
+    from retinagen.config import load_run_config, parse_overrides
+    from retinagen.training.loop import train
+
+    cfg = load_run_config("synthfundus", preset="smoke", overrides=parse_overrides([f"data.path={synth_zip_16}"]))
+    run = tmp_path_factory.mktemp("smoke_master") / "run"
+    train(cfg, run, progress=False)
+    return run

@@ -21,12 +21,10 @@ import torch
 from typer.testing import CliRunner, Result
 
 from retinagen import cli
-from retinagen.config import load_run_config, parse_overrides
 from retinagen.metrics.discovery import discover_factors, load_factor_map
 from retinagen.metrics.evaluate import KNOWN_METRICS, evaluate_checkpoint
 from retinagen.metrics.fid import INCEPTION_ENV_VAR
 from retinagen.training.checkpoint import sha256_file
-from retinagen.training.loop import train
 
 # Tiny sizes: 2 FD/KID estimates of 16 images, ACM on 8 latents, discovery on 4, a one-epoch encoder.
 FAST = [
@@ -54,14 +52,6 @@ def no_inception(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         mp.delenv(INCEPTION_ENV_VAR, raising=False)
         mp.setenv("TORCH_HOME", str(home))
         yield home
-
-
-@pytest.fixture(scope="module")
-def smoke_run_master(synth_zip_16: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = load_run_config("synthfundus", preset="smoke", overrides=parse_overrides([f"data.path={synth_zip_16}"]))
-    run = tmp_path_factory.mktemp("cli_metrics") / "run"
-    train(cfg, run, progress=False)
-    return run
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from retinagen.config import load_run_config, parse_overrides
 from retinagen.data.dataset import ZipImageDataset
 from retinagen.errors import BadInputError, RetinagenError
 from retinagen.metrics import evaluate as evalmod
@@ -27,7 +27,6 @@ from retinagen.metrics.evaluate import (
     real_attribute_labels,
 )
 from retinagen.metrics.fid import INCEPTION_ENV_VAR, FeatureExtractor, default_stats_cache_dir
-from retinagen.training.loop import train
 from tests.conftest import REAL_HOME_VARIABLE
 
 FAST = {
@@ -65,13 +64,9 @@ def no_inception(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def smoke_run(synth_zip_16: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = load_run_config(
-        "synthfundus", preset="smoke", overrides=parse_overrides([f"data.path={synth_zip_16}"])
-    )
-    run = tmp_path_factory.mktemp("eval") / "run"
-    train(cfg, run, progress=False)
-    return run
+def smoke_run(smoke_run_master: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This module's copy of the session's smoke run (the report goes beside it, in RUN/../report)."""
+    return Path(shutil.copytree(smoke_run_master, tmp_path_factory.mktemp("eval") / "run"))
 
 
 @pytest.fixture(scope="module")

@@ -230,15 +230,11 @@ def test_the_grader_judge_reads_grades_of_real_images(shipped: jm.Judges) -> Non
     assert v["grade_accuracy"] > 0.5 and min(v["grade_accuracy_per_grade"].values()) > 0.4
 
 
-def test_score_of_a_checkpoint(tiny_dir: Path, tmp_path: Path, synth_zip_16: Path) -> None:
+def test_score_of_a_checkpoint(tiny_dir: Path, smoke_run_master: Path) -> None:
     from retinagen.generation import load_model
     from retinagen.metrics.quality import score_checkpoint
-    from retinagen.training.loop import train
 
-    cfg = load_run_config("synthfundus", preset="smoke", overrides=parse_overrides([f"data.path={synth_zip_16}"]))
-    run = tmp_path / "run"
-    train(cfg, run, progress=False)
-    model = load_model(run)
+    model = load_model(smoke_run_master)
     judges = load_judges(tiny_dir)
     row = score_checkpoint(model, judges, n=40, seed=0, acm_n=4)
     assert row["judge"] == judges.judge_id and row["n"] == 40
