@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import sys
 import traceback
+from collections.abc import Iterable
 from enum import Enum
 from typing import Any, NoReturn
 
 import typer
 
+from retinagen.config import DATASETS, PRESETS
+from retinagen.data.sources import SOURCES, SPLIT_NAMES
 from retinagen.errors import RetinagenError
 from retinagen.options import (
     ValidatingTyper,
@@ -30,38 +33,23 @@ anomaly_app = ValidatingTyper(help="Anomaly scoring from Q-encoder and discrimin
 app.add_typer(anomaly_app, name="anomaly")
 
 
-class PrepareDataset(str, Enum):
-    eyepacs = "eyepacs"
-    aptos = "aptos"
-    celeba = "celeba"
-    folder = "folder"
-    dicom = "dicom"
+def _choices(name: str, names: Iterable[str]) -> type[Enum]:
+    """A typer choice built from a registry's names (so a new entry is a new choice, in registry order)."""
+    return Enum(name, {n: n for n in names}, type=str)  # type: ignore[return-value]
 
 
-class TrainDataset(str, Enum):
-    synthfundus = "synthfundus"
-    eyepacs = "eyepacs"
-    aptos = "aptos"
-    celeba = "celeba"
-    folder = "folder"
+PrepareDataset = _choices("PrepareDataset", SOURCES)
+TrainDataset = _choices("TrainDataset", DATASETS)
+Preset = _choices("Preset", PRESETS)
+Split = _choices("Split", SPLIT_NAMES)
 
 
 class AnomalyScorerName(str, Enum):
+    # Not built from clinical.anomaly.SCORERS: that registry imports torch, which every command would then
+    # wait for (`--help` too). tests/retinagen/test_cli.py checks that these are the registry's names.
     mahalanobis = "mahalanobis"
     knn = "knn"
     fanogan = "fanogan"
-
-
-class Split(str, Enum):
-    train = "train"
-    val = "val"
-    test = "test"
-
-
-class Preset(str, Enum):
-    smoke = "smoke"
-    cpu = "cpu"
-    gpu = "gpu"
 
 
 def parse_grades(text: str | None) -> tuple[float, ...] | None:
