@@ -50,23 +50,9 @@ Sizes: kernel sizes in pixels scale with half the frame's longer side (fixed for
 resolution, so rounding cannot jump between images); regions such as the disc scale with the FOV
 radius. Values are comparable across resolutions up to the detail each can show.
 
-Validation on the synthetic data (240 images of ``sample_factors`` with uniform DR grades, seeds
-0-3; Spearman rho with the ground-truth factor at 128 px, then at 64 px): pigmentation 0.86-0.90
-(0.85-0.90), glare 0.94-0.96 (same), brightness 0.83-0.87 (same), fov_area 1.00 against the
-factors' expected FOV area (same), vessel_contrast 0.81-0.88 (0.46-0.56), lesion_load 0.89-0.92
-(0.83-0.87); at 256 px vessel_contrast 0.90 and lesion_load 0.96. At 64 px vessels are sub-pixel,
-drawn as faint 1-px lines whose depth depends on how they fall on the pixel grid: vessel contrast
-is meaningful from about 128 px.
-
-On the real scikit-image photograph every value lies inside the range of synthetic images of the
-same resolution (128 px; vessel contrast grows with the px a vessel spans, so compare like with
-like); at 256 px an exposure gain of 0.8-1.2 moves brightness monotonically while FOV area, vessel contrast
-and lesion load stay within 3 % of their synthetic range and pigmentation within 5 % (at 1.2 the
-red channel clips); glare, absolute like the light it measures, scales with the gain. The healthy
-photograph's lesion_load (0.00025 at 256 px) sits at the synthetic grade-1 level (medians 0.00004
-for grade 0, 0.0002 for grade 1): a few bends and branch points of real vessels, more tortuous
-than the renderer's, pass as small dark blobs. Compare lesion load between images of one source
-(as ACM and discovery do, along a traversal), not against synthetic grade levels.
+How well each probe follows its factor (Spearman rho per resolution) is measured by
+``benchmarks/attribute_probes.py`` and reported in the README; lesion load is comparable between images of
+one source, not against synthetic grade levels.
 """
 
 from __future__ import annotations
@@ -75,6 +61,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
+from typing import Any
 
 import cv2
 import numpy as np
@@ -531,3 +518,22 @@ def measure(images: ImageBatch, names: Iterable[str] | None = None) -> dict[str,
                 raise ValueError(f"attribute {k!r} returned {vals.shape[0]} values for {len(frames)} images")
             out[k] = vals
     return out
+
+
+def _expected_fov_area(radius: float, cut: float) -> float:
+    """Fraction of the square frame inside a circle of radius r cut at |y| <= r (1 - cut) (notch ignored)."""
+    h = radius * (1.0 - cut)
+    return 2.0 * (h * math.sqrt(radius * radius - h * h) + radius * radius * math.asin(h / radius)) / 4.0
+
+
+def synthetic_truth(factors: Sequence[Any]) -> dict[str, np.ndarray]:
+    """What each built-in probe follows in images of the synthetic renderer (`retinagen.data.synthetic`'s
+    `FundusFactors`): attribute -> float64 [N]. The probes are validated against these."""
+    return {
+        "pigmentation": np.array([f.pigmentation for f in factors], dtype=np.float64),
+        "glare": np.array([f.glare for f in factors], dtype=np.float64),
+        "brightness": np.array([f.brightness for f in factors], dtype=np.float64),
+        "fov_area": np.array([_expected_fov_area(f.fov_radius, f.fov_cut) for f in factors], dtype=np.float64),
+        "vessel_contrast": np.array([f.vessel_contrast for f in factors], dtype=np.float64),
+        "lesion_load": np.array([f.lesion_count for f in factors], dtype=np.float64),
+    }
