@@ -8,12 +8,14 @@ a full disk would), so `storage_error_message` and the CLI can say which file co
 
 from __future__ import annotations
 
+import csv
 import errno
 import hashlib
+import io
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -141,3 +143,14 @@ def read_json(path: str | Path, what: str) -> Any:
         raise BadInputError(path, f"cannot read the {what} ({exc.strerror or exc})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadInputError(path, f"not a JSON {what} ({exc})") from None
+
+
+def csv_text(columns: Sequence[str], rows: Iterable[Sequence[Any] | Mapping[str, Any]]) -> str:
+    """CSV text (``\n`` line ends): the header, then each row, a sequence in column order or a mapping by
+    column name (a missing column is empty)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([row.get(c, "") for c in columns] if isinstance(row, Mapping) else row)
+    return buf.getvalue()

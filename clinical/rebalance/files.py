@@ -74,14 +74,6 @@ def _read_csv_rows(path: Path) -> list[dict[str, str]]:
         return []
 
 
-def _csv_text(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
 def _fmt_prob(p: float | None) -> str:
     return "" if p is None else f"{p:.6f}"
 

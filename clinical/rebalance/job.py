@@ -77,7 +77,6 @@ from clinical.rebalance.files import (
     _collect_spread,
     _copy_real,
     _coverage,
-    _csv_text,
     _fmt_prob,
     _fractions,
     _read_csv_rows,
@@ -102,7 +101,7 @@ from retinagen import __version__
 from retinagen.checks import Count, Multiplier, Seed, UnitInterval, check
 from retinagen.data.dataset import ZipImageDataset, read_dataset_json
 from retinagen.errors import BadInputError, ConfigError, RetinagenError
-from retinagen.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from retinagen.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, csv_text, sha256_file
 from retinagen.generation import (
     LoadedModel,
     load_model,
@@ -590,8 +589,8 @@ class _Tally:
             row["gate_rejection_rate"] = "" if not gated or rate is None else f"{rate:.6f}"
 
     def flush(self, out: Path, base_report: Mapping[str, Any], *, complete: bool) -> None:
-        atomic_write_text(out / MANIFEST_FILE, _csv_text(MANIFEST_COLUMNS, self.rows))
-        atomic_write_text(out / TRIES_FILE, _csv_text(TRIES_COLUMNS, self.tries_rows))
+        atomic_write_text(out / MANIFEST_FILE, csv_text(MANIFEST_COLUMNS, self.rows))
+        atomic_write_text(out / TRIES_FILE, csv_text(TRIES_COLUMNS, self.tries_rows))
         if not complete:
             atomic_write_json(out / REPORT_FILE, {**base_report, "complete": False})
 

@@ -47,7 +47,6 @@ patient share correlated traits, as in EyePACS. With an odd ``n`` the last patie
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import multiprocessing
@@ -55,10 +54,9 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
@@ -79,7 +77,7 @@ from retinagen.data.synth_factors import (
 from retinagen.data.synth_render import crop_to_frame, make_sample_grid, render_fundus
 from retinagen.dr_scale import NUM_GRADES
 from retinagen.errors import RetinagenError
-from retinagen.fileio import atomic_write_json, atomic_write_text
+from retinagen.fileio import atomic_write_json, atomic_write_text, csv_text
 from retinagen.progress import progress_bar
 
 __all__ = [
@@ -181,14 +179,6 @@ def _check_out(out: Path) -> None:
         )
 
 
-def _csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue()
-
-
 def _fmt(v: int | float) -> int | str:
     return v if isinstance(v, int) else repr(float(v))  # repr round-trips floats exactly
 
@@ -255,12 +245,12 @@ def write_synth_dataset(
                     for done in pool.imap_unordered(_render_chunk, jobs):
                         bar.advance(done)
         atomic_write_text(
-            tmp / "trainLabels.csv", _csv_text(["image", "level"], ((s, f.grade) for s, f in plan))
+            tmp / "trainLabels.csv", csv_text(["image", "level"], ((s, f.grade) for s, f in plan))
         )
         names = list(FACTOR_RANGES)
         atomic_write_text(
             tmp / "factors.csv",
-            _csv_text(["image", *names], ([s, *(_fmt(v) for v in f.as_row().values())] for s, f in plan)),
+            csv_text(["image", *names], ([s, *(_fmt(v) for v in f.as_row().values())] for s, f in plan)),
         )
         grade_counts = {g: 0 for g in range(NUM_GRADES)}
         for _, f in plan:
