@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -154,3 +155,18 @@ def csv_text(columns: Sequence[str], rows: Iterable[Sequence[Any] | Mapping[str,
     for row in rows:
         writer.writerow([row.get(c, "") for c in columns] if isinstance(row, Mapping) else row)
     return buf.getvalue()
+
+
+def regular_file_stat(path: Path, error: Callable[[Path, str], Exception]) -> os.stat_result:
+    """``path``'s stat when it is a non-empty regular file; else ``error(path, reason)`` is raised."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise error(path, "file does not exist") from None
+    except OSError as exc:
+        raise error(path, f"file cannot be accessed ({type(exc).__name__})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise error(path, "not a regular file")
+    if st.st_size == 0:
+        raise error(path, "empty file (0 bytes)")
+    return st

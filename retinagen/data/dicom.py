@@ -45,7 +45,6 @@ import io
 import logging
 import math
 import os
-import stat
 import struct
 import warnings
 from dataclasses import dataclass, field
@@ -64,6 +63,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, get_decoder, pixel_array
 
 from retinagen.errors import DicomError
+from retinagen.fileio import regular_file_stat
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -303,7 +303,7 @@ def read_dicom(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dic
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
     p = Path(path)
-    _check_regular_file(p)
+    regular_file_stat(p, DicomError)
     silence_pydicom()
     try:
         image = _read(p, max_pixels)
@@ -315,19 +315,6 @@ def read_dicom(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dic
         raise DicomError(p, f"could not be read as a DICOM image ({type(exc).__name__})") from None
     logger.debug("read DICOM %s: %s", p.name, image.info)
     return image
-
-
-def _check_regular_file(p: Path) -> None:
-    try:
-        st = p.stat()
-    except FileNotFoundError:
-        raise DicomError(p, "file does not exist") from None
-    except OSError as exc:
-        raise DicomError(p, f"file cannot be accessed ({type(exc).__name__})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise DicomError(p, "not a regular file")
-    if st.st_size == 0:
-        raise DicomError(p, "empty file (0 bytes)")
 
 
 def _read(p: Path, max_pixels: int) -> DicomImage:

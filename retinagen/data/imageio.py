@@ -38,7 +38,6 @@ Conversions
 from __future__ import annotations
 
 import os
-import stat
 import struct
 import warnings
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from retinagen.checks import Count, check
 from retinagen.errors import BadInputError, DicomError, ImageDecodeError, UnsafePathError
+from retinagen.fileio import regular_file_stat
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -173,16 +173,7 @@ def decode_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> D
     """Like `read_image`, also returning the detected format and any warnings."""
     max_pixels = check(Count, max_pixels, "max_pixels")
     p = Path(path)
-    try:
-        st = p.stat()
-    except FileNotFoundError:
-        raise ImageDecodeError(p, "file does not exist") from None
-    except OSError as exc:
-        raise ImageDecodeError(p, f"file cannot be accessed ({type(exc).__name__})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ImageDecodeError(p, "not a regular file")
-    if st.st_size == 0:
-        raise ImageDecodeError(p, "empty file (0 bytes)")
+    regular_file_stat(p, ImageDecodeError)
     try:
         with open(p, "rb") as fh:
             head = fh.read(_SNIFF_BYTES)
