@@ -98,6 +98,22 @@ class Artifact:
     sha256: str
 
 
+def read_artifact_meta(path: str | Path) -> tuple[Path, Path, dict[str, Any]]:
+    """(tensor file, JSON file, the JSON's object) of an artifact, after checking the tensor file's header; no
+    tensor is read or hashed. `CheckpointError` names the file and the reason."""
+    tensor_path, json_path = artifact_paths(path)
+    check_safetensors_header(tensor_path)
+    if not json_path.is_file():
+        raise CheckpointError(f"{tensor_path}: its metadata file {json_path.name} is missing (an incomplete write?)")
+    try:
+        meta = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{json_path}: metadata is not valid JSON ({type(exc).__name__}: {exc})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{json_path}: metadata is not a JSON object")
+    return tensor_path, json_path, meta
+
+
 def read_artifact(
     path: str | Path,
     *,
@@ -110,16 +126,7 @@ def read_artifact(
     ``accept(meta, json_path)`` raises `CheckpointError` when the JSON is not of the expected kind; it runs
     before the tensors are hashed or read.
     """
-    tensor_path, json_path = artifact_paths(path)
-    check_safetensors_header(tensor_path)
-    if not json_path.is_file():
-        raise CheckpointError(f"{tensor_path}: its metadata file {json_path.name} is missing (an incomplete write?)")
-    try:
-        meta = json.loads(json_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{json_path}: metadata is not valid JSON ({type(exc).__name__}: {exc})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{json_path}: metadata is not a JSON object")
+    tensor_path, json_path, meta = read_artifact_meta(path)
     if accept is not None:
         accept(meta, json_path)
     digest = sha256_file(tensor_path) if verify_hash else ""

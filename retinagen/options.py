@@ -180,6 +180,7 @@ def _safetensors_file(path: Path) -> Path:
 
 def _checkpoint(path: Path) -> Path:
     """A model checkpoint (``.safetensors`` or ``.json``) or a run folder holding one."""
+    from retinagen.artifact import read_artifact_meta
     from retinagen.generation import resolve_checkpoint
     from retinagen.training.checkpoint import SCHEMA_VERSION
 
@@ -191,14 +192,11 @@ def _checkpoint(path: Path) -> Path:
     except RetinagenError as exc:
         raise ValueError(_reason(exc, path)) from None
     _safetensors_file(tensor_path)
-    meta_path = tensor_path.with_suffix(".json")
-    if not meta_path.is_file():
-        raise ValueError(f"its metadata file {meta_path.name} is missing (incomplete snapshot?)")
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ValueError(f"its metadata {meta_path.name} is not valid JSON ({type(exc).__name__})") from None
-    if not isinstance(meta, dict) or meta.get("schema_version") != SCHEMA_VERSION:
+        _, meta_path, meta = read_artifact_meta(tensor_path)
+    except RetinagenError as exc:
+        raise ValueError(_reason(exc, tensor_path)) from None
+    if meta.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"{meta_path.name}: not a retinagen checkpoint of schema {SCHEMA_VERSION}")
     return path
 
