@@ -6,24 +6,17 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
-from retinagen.config import load_run_config, parse_overrides
+from retinagen.config import load_run_config
 from retinagen.errors import CheckpointError, RetinagenError
 from retinagen.training.checkpoint import latest_valid_checkpoint, load_checkpoint
 from retinagen.training.loop import train
 
 
 @pytest.fixture(scope="module")
-def smoke_run(synth_zip_16: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("ship") / "run"
-    cfg = load_run_config("synthfundus", preset="smoke", overrides=parse_overrides([f"data.path={synth_zip_16}"]))
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(cfg, run, progress=False)
-    finally:
-        torch.set_num_threads(before)
+def smoke_run(smoke_run_master: Path, synth_zip_16: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the session's smoke run with its prepared ZIP in RUN/data, as `retinagen train` leaves one."""
+    run = Path(shutil.copytree(smoke_run_master, tmp_path_factory.mktemp("ship") / "run"))
     (run / "data").mkdir(exist_ok=True)
     shutil.copy(synth_zip_16, run / "data" / synth_zip_16.name)
     return run
