@@ -64,16 +64,16 @@ def _bounds(low: float | None, high: float | None, low_open: bool, high_open: bo
         return f"{'>' if low_open else '>='} {low:g}"
     if high is not None:
         return f"{'<' if high_open else '<='} {high:g}"
-    return "(any)"
+    return ""
 
 
 @functools.cache
 def int_in(low: int | None = None, high: int | None = None, name: str | None = None,
            expect: str | None = None) -> Any:
     """Integers in [low, high] (None: that end is unbounded); ``expect`` overrides the wording of the error."""
-    bounds = _bounds(low, high, False, False).replace("(any)", "").rstrip()
+    bounds = _bounds(low, high, False, False)
     return Annotated[int, Field(ge=low, le=high),
-                     Kind(name or f"int {bounds}", expect or f"an integer {bounds}".rstrip())]
+                     Kind(name or f"int {bounds}".rstrip(), expect or f"an integer {bounds}".rstrip())]
 
 
 @functools.cache
@@ -81,18 +81,17 @@ def number_in(low: float | None = None, high: float | None = None, *, low_open: 
               high_open: bool = False, name: str | None = None, expect: str | None = None) -> Any:
     """Finite numbers between low and high (each end closed unless ``*_open``; None: unbounded)."""
     limits = {("gt" if low_open else "ge"): low, ("lt" if high_open else "le"): high}
-    bounds = _bounds(low, high, low_open, high_open).replace("(any)", "").rstrip()
+    bounds = _bounds(low, high, low_open, high_open)
     return Annotated[float, Field(allow_inf_nan=False, **{k: v for k, v in limits.items() if v is not None}),
-                     Kind(name or f"number {bounds}", expect or f"a finite number {bounds}".rstrip())]
+                     Kind(name or f"number {bounds}".rstrip(), expect or f"a finite number {bounds}".rstrip())]
 
 
 def one_of(names: Iterable[str], name: str = "choice") -> Any:
     """One of ``names`` (a registry's keys, read when the value is checked, so later entries count)."""
-    known = names
 
     def valid(value: str) -> str:
-        if value not in known:
-            raise ValueError(f"must be one of {', '.join(known)}")
+        if value not in names:
+            raise ValueError(f"must be one of {', '.join(names)}")
         return value
 
     return Annotated[str, AfterValidator(valid), Kind(name)]
@@ -163,6 +162,12 @@ def check_fields(obj: Any, what: str, error: type[Exception] = ConfigError) -> N
     """Check every field of the dataclass instance ``obj`` against its annotated kind (``WHAT FIELD must be ...``).
 
     Fields annotated with a plain type (``bool``, ``str``) are checked as that type, strictly."""
-    hints = typing.get_type_hints(type(obj), include_extras=True)
-    for f in dataclasses.fields(obj):
-        check(hints[f.name], getattr(obj, f.name), f"{what} {f.name}", error)
+    for name, kind in _field_kinds(type(obj)):
+        check(kind, getattr(obj, name), f"{what} {name}", error)
+
+
+@functools.cache
+def _field_kinds(cls: type) -> tuple[tuple[str, Any], ...]:
+    """(field name, annotated kind) of a dataclass, resolved once per class."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls))
