@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any, get_args, get_origin
 
@@ -136,9 +136,10 @@ def _is_int_kind(kind: Any) -> bool:
     return base is int
 
 
-def check(kind: Any, value: Any, name: str, error: type[Exception] = ValueError) -> Any:
-    """``value`` as ``kind`` holds it (numpy scalars become Python numbers); otherwise ``error`` with
-    ``NAME must be EXPECTED, got VALUE`` (or the kind's own reason)."""
+def check(kind: Any, value: Any, name: str, error: Callable[[str], Exception] = ValueError) -> Any:
+    """``value`` as ``kind`` holds it (numpy scalars become Python numbers); otherwise ``error(message)`` is
+    raised (an exception class, or a function making one) with ``NAME must be EXPECTED, got VALUE`` (or the
+    kind's own reason)."""
     given = value
     if isinstance(value, np.integer):
         value = int(value)
@@ -158,7 +159,7 @@ def _message(kind: Any, value: Any, name: str, exc: ValidationError) -> str:
     return f"{name} {reason}, got {value!r}"
 
 
-def check_fields(obj: Any, what: str, error: type[Exception] = ConfigError) -> None:
+def check_fields(obj: Any, what: str, error: Callable[[str], Exception] = ConfigError) -> None:
     """Check every field of the dataclass instance ``obj`` against its annotated kind (``WHAT FIELD must be ...``).
 
     Fields annotated with a plain type (``bool``, ``str``) are checked as that type, strictly."""

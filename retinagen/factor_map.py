@@ -62,10 +62,7 @@ def _validate(data: Any, path: Path | None) -> None:
         if entry.get("kind") not in _KINDS:
             raise bad(f"code {code}: 'kind' must be one of {', '.join(_KINDS)}")
         for key in ("effect", "consistency", "score"):
-            try:
-                check(number_in(), entry.get(key, 0.0), f"code {code}: {key!r}")
-            except ValueError as exc:
-                raise bad(str(exc)) from None
+            check(number_in(), entry.get(key, 0.0), f"code {code}: {key!r}", bad)
         if not 0.0 <= entry.get("consistency", 0.0) <= 1.0:
             raise bad(f"code {code}: 'consistency' must lie in [0, 1]")
         if entry.get("direction", 1) not in (-1, 0, 1):
