@@ -133,14 +133,20 @@ def test_cli_train_generate_traverse(synth_zip_16: Path, tmp_path: Path) -> None
     assert main(["generate", "--checkpoint", str(bogus), "--n", "1", "--out", str(out)]) == 2
 
 
-# A launcher for torchrun that trains like `python -m retinagen.cli` with the gradient all_reduce turned
-# off: the control run showing that the DDP test below fails when processes stop averaging gradients.
-_NO_ALLREDUCE = """
+# A launcher for torchrun that trains like `python -m retinagen.cli`, then trains the same run again in the same
+# processes with the gradient all_reduce turned off, into the folder in argv[1]: the control run showing that
+# the DDP test below fails when processes stop averaging gradients (one launch: no second start-up of torchrun
+# and its workers).
+_WITH_THEN_WITHOUT_ALLREDUCE = """
 import sys
 import retinagen.training.loop as loop
-loop.allreduce_grads = lambda module, world: None
 from retinagen.cli import main
-sys.exit(main(sys.argv[1:]))
+control, args = sys.argv.pop(1), sys.argv[1:]
+if main(args) != 0:
+    sys.exit(1)
+loop.allreduce_grads = lambda module, world: None
+args[args.index("--out") + 1] = control
+sys.exit(main(args))
 """
 
 # Minibatch-stddev groups of 2 tile each process's 2 images (see Trainer): with the smoke preset's
@@ -207,6 +213,16 @@ def _init_weights(cfg_args: tuple[Path, ...], folder: Path) -> dict[str, torch.T
 
 
 @pytest.fixture(scope="module")
+def two_process_runs(synth_zip_16: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """2 gloo processes x 2 images: the run with the gradient all_reduce, and the control without it."""
+    root = tmp_path_factory.mktemp("ddp")
+    launcher = root / "with_then_without_allreduce.py"
+    launcher.write_text(_WITH_THEN_WITHOUT_ALLREDUCE)
+    _torchrun_train(synth_zip_16, root / "ddp", [str(launcher), str(root / "no_allreduce")])
+    return root / "ddp", root / "no_allreduce"
+
+
+@pytest.fixture(scope="module")
 def one_process_run(synth_zip_16: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("one") / "run"
     train(_cfg(synth_zip_16, *_DDP_SET), run, progress=False)
@@ -214,12 +230,11 @@ def one_process_run(synth_zip_16: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 def test_ddp_two_gloo_processes_on_half_batches_equal_one_process_on_the_whole_batch(
-    synth_zip_16: Path, one_process_run: Path, tmp_path: Path
+    synth_zip_16: Path, two_process_runs: tuple[Path, Path], one_process_run: Path, tmp_path: Path
 ) -> None:
     """2 processes x 2 images with the all_reduce = 1 process x 4 images: every process draws the global
     batch's latents, grades and noise and keeps its rows, and gradients are averaged over processes."""
-    _torchrun_train(synth_zip_16, tmp_path / "ddp", ["-m", "retinagen.cli"])
-    meta, ddp = _weights(tmp_path / "ddp")
+    meta, ddp = _weights(two_process_runs[0])
     one_meta, one = _weights(one_process_run)
     assert meta["world_size"] == 2 and one_meta["world_size"] == 1
     assert meta["step"] == one_meta["step"] == 8 and meta["images_seen"] == one_meta["images_seen"] == 32
@@ -251,13 +266,11 @@ def test_torchrun_with_one_process_runs_the_all_reduce_and_matches_a_plain_run(
 
 
 def test_ddp_without_the_gradient_all_reduce_does_not_match_one_process(
-    synth_zip_16: Path, one_process_run: Path, tmp_path: Path
+    synth_zip_16: Path, two_process_runs: tuple[Path, Path], one_process_run: Path, tmp_path: Path
 ) -> None:
     """The control for the test above: processes that each step on their own half batch end elsewhere."""
-    launcher = tmp_path / "no_allreduce.py"
-    launcher.write_text(_NO_ALLREDUCE)
-    _torchrun_train(synth_zip_16, tmp_path / "ddp", [str(launcher)])
-    _, ddp = _weights(tmp_path / "ddp")
+    meta, ddp = _weights(two_process_runs[1])
+    assert meta["world_size"] == 2 and meta["step"] == 8
     _, one = _weights(one_process_run)
     rel = _rel_update_diff(ddp, one, _init_weights((synth_zip_16,), tmp_path / "init"))
     print(f"DDP without the all-reduce vs one process: relative update difference {rel:.2e}")
