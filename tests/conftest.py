@@ -32,6 +32,23 @@ def pytest_configure(config: pytest.Config) -> None:
     # A developer's own settings of the product's path variables (weights, encoder, dashboard run) stay out too.
     for name in [n for n in os.environ if n.startswith("RETINAGEN_") and n != REAL_HOME_VARIABLE]:
         del os.environ[name]
+    _share_the_cores()
+
+
+def _share_the_cores() -> None:
+    """In a pytest-xdist worker: this worker's share of the cores as its torch (OpenMP) threads, for itself and
+    for every process its tests start. Without it each of N workers runs as many threads as there are cores and
+    the oversubscribed cores make the whole run slower than one process (measured on 2 cores: 354 s with 2
+    workers x 2 threads; 259 s with 2 x 1 against 359 s in one process)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if not os.environ.get("PYTEST_XDIST_WORKER") or workers < 1:
+        return
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = threads
+    import torch
+
+    torch.set_num_threads(int(threads))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
