@@ -40,8 +40,10 @@ DEFAULT = JudgeSpec()
 HELD_OUT_SEED = 4242
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _two_threads() -> Iterator[None]:
+@pytest.fixture()
+def two_threads() -> Iterator[None]:
+    """A build is deterministic for a given thread count: rebuilds use the 2 the judges were built with (the
+    session's tiny judges too, tests/conftest.py). Scoring needs no particular count."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
@@ -68,7 +70,7 @@ def held_out(tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, np.n
 # ------------------------------------------------------------------------------------------- building
 
 
-def test_a_rebuild_gives_the_same_files(tiny_dir: Path, tmp_path: Path) -> None:
+def test_a_rebuild_gives_the_same_files(tiny_dir: Path, tmp_path: Path, two_threads: None) -> None:
     again = build_judges(TINY, tmp_path / "again", progress=False)
     first = json.loads((tiny_dir / "judges.json").read_text())["files"]
     second = json.loads((again / "judges.json").read_text())["files"]
@@ -206,7 +208,7 @@ def test_held_out_real_images_score_near_the_floor_and_every_disturbance_moves_f
 
 
 @pytest.mark.slow
-def test_the_shipped_judges_are_what_a_rebuild_gives(shipped: jm.Judges, tmp_path: Path) -> None:
+def test_the_shipped_judges_are_what_a_rebuild_gives(shipped: jm.Judges, tmp_path: Path, two_threads: None) -> None:
     rebuilt = build_judges(DEFAULT, tmp_path / "judges", progress=False)
     files = json.loads((rebuilt / "judges.json").read_text())["files"]
     for name in ("encoder.safetensors", "reference.safetensors", "reference.zip"):
