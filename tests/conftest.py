@@ -46,9 +46,11 @@ def _share_the_cores() -> None:
     threads = str(max(1, (os.cpu_count() or 1) // workers))
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[name] = threads
+    import cv2
     import torch
 
     torch.set_num_threads(int(threads))
+    cv2.setNumThreads(int(threads))  # OpenCV's own thread pool ignores OMP_NUM_THREADS
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
