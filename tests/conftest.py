@@ -38,8 +38,8 @@ def pytest_configure(config: pytest.Config) -> None:
 def _share_the_cores() -> None:
     """In a pytest-xdist worker: this worker's share of the cores as its torch (OpenMP) threads, for itself and
     for every process its tests start. Without it each of N workers runs as many threads as there are cores and
-    the oversubscribed cores make the whole run slower than one process (measured on 2 cores: 354 s with 2
-    workers x 2 threads; 259 s with 2 x 1 against 359 s in one process)."""
+    the oversubscribed cores make the whole run slower than one process (2 workers x 2 threads on 2 cores: 354 s
+    against ~260-280 s in one process; 2 x 1 on another machine of that kind: 259 s against 359 s)."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if not os.environ.get("PYTEST_XDIST_WORKER") or workers < 1:
         return
