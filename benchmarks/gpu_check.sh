@@ -36,7 +36,7 @@ step() {  # step NAME TIMEOUT_S CMD...: run CMD with a time limit, log its outpu
 }
 
 step environment 30 bash -c "nvidia-smi; $PY -c 'import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"device\", torch.cuda.get_device_name(0), \"bf16\", torch.cuda.is_bf16_supported())'"
-step pytest-gpu 180 "$PY" -m pytest -m gpu -p no:cacheprovider -rA tests/test_gpu.py
+step pytest-gpu 180 "$PY" -m pytest -m gpu -n 0 -p no:cacheprovider -rA tests/test_gpu.py  # one process: one CUDA context
 step train-bf16-2min 270 retinagen train --dataset synthfundus --preset gpu --minutes 2 --out "$WORK/run_bf16" \
     --set model.resolution=256 --set train.amp=bf16 --set train.batch_size=32 --set train.workers=4
 DATA=$(ls "$WORK"/run_bf16/data/*.zip 2>/dev/null | head -n 1)
