@@ -136,6 +136,11 @@ class LossConfig(_Strict):
     # Share of Q's loss gradient (D's step) that reaches D's shared trunk: 1 is InfoGAN (Q and D train
     # the trunk together), 0 trains only the Q head on it; G's step always gets the whole info gradient.
     q_trunk_scale: float = Field(1.0, ge=0.0, le=1.0)
+    # Mode seeking (Mao et al. 2019, MSGAN) on G's step: the batch is drawn in pairs that share codes (and
+    # grade) and differ in z', and G also minimises mode_seeking * mean|z'1 - z'2| / mean|G1 - G2|, so z'
+    # keeps a share of the images' variety against the info term, which rewards images that depend on the
+    # codes alone. 0 turns it off (the pairs are not drawn).
+    mode_seeking: float = Field(0.0, ge=0.0, le=100.0)
 
 
 class OptimConfig(_Strict):

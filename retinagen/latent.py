@@ -413,6 +413,16 @@ class LatentSample:
             self.spec, self.z_noise[index], self.cat[index], self.bern[index], self.unif[index]
         )
 
+    def with_paired_codes(self) -> LatentSample:
+        """The same noise latents with rows m..2m-1 given the codes of rows 0..m-1 (m = N // 2; an odd
+        last row keeps its own): pairs that differ in z' only, for the mode-seeking term."""
+        m = self.n // 2
+
+        def pair(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t[:m], t[:m], t[2 * m :]])
+
+        return LatentSample(self.spec, self.z_noise, pair(self.cat), pair(self.bern), pair(self.unif))
+
     def code(self) -> torch.Tensor:
         """Generator code input C [N, code_dim]: one-hot blocks, then Bernoulli 0/1, then uniform values."""
         parts = [

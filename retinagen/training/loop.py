@@ -232,6 +232,11 @@ class Trainer:
                 f"train.batch_size {cfg.train.batch_size} is not divisible by the {self.d.world} processes"
             )
         per_rank = cfg.train.batch_size // self.d.world
+        if cfg.loss.mode_seeking > 0 and per_rank < 2:
+            raise RetinagenError(
+                f"loss.mode_seeking needs at least 2 images per process to pair, got {per_rank} "
+                f"(train.batch_size {cfg.train.batch_size} over {self.d.world} processes)"
+            )
         if self.d.world > 1 and self.d.main and per_rank % cfg.model.mbstd_group:
             # Minibatch-stddev groups are consecutive rows of each process's slice; only when they tile it
             # are they the groups one process would form, and the run the same as a single-process run.
@@ -391,7 +396,14 @@ class Trainer:
         total, start = n * self.d.world, n * self.d.rank
         sample = self.spec.sample(total, self.gen, self.device)[start : start + n]
         grade = self._sample_grades(total)
-        return sample, None if grade is None else grade[start : start + n]
+        grade = None if grade is None else grade[start : start + n]
+        if self.cfg.loss.mode_seeking > 0:
+            # Pairs for the mode-seeking term: rows m..2m-1 take the codes (and grade) of rows 0..m-1.
+            sample = sample.with_paired_codes()
+            if grade is not None:
+                m = n // 2
+                grade = torch.cat([grade[:m], grade[:m], grade[2 * m :]])
+        return sample, grade
 
     def _sample_grades(self, n: int) -> torch.Tensor | None:
         if self.num_classes == 0 or self.grade_probs is None:
@@ -485,9 +497,15 @@ class Trainer:
         fake_ce = None
         if out.class_logits is not None and fake_grade is not None:
             fake_ce = losses.grade_ce_loss(out.class_logits.float(), fake_grade)
+        ms = None
+        if cfg.loss.mode_seeking > 0:
+            m = n // 2
+            ms = losses.mode_seeking_loss(fake[:m], fake[m : 2 * m], sample.z_noise[:m], sample.z_noise[m : 2 * m])
+            stats["loss/mode_seeking"] = ms.detach()
         loss_g = losses.total_generator_loss(
             out.logits.float(), neg_log_q=info.neg_log_q if beta > 0 else None, beta=self.g_info_weight(),
             grade_ce=fake_ce, grade_weight=cfg.loss.grade_weight,
+            mode_seeking=ms, mode_seeking_weight=cfg.loss.mode_seeking,
         )  # fmt: skip
         stats["loss/G"] = losses.g_nonsaturating_loss(out.logits.float()).detach()
         self.opt_G.zero_grad(set_to_none=True)

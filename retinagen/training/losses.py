@@ -137,6 +137,26 @@ def grade_ce_loss(class_logits: torch.Tensor, grade: torch.Tensor) -> torch.Tens
     return F.cross_entropy(class_logits.float(), grade.long())
 
 
+def mode_seeking_loss(fake_a: torch.Tensor, fake_b: torch.Tensor, z_a: torch.Tensor, z_b: torch.Tensor,
+                      eps: float = 1e-5) -> torch.Tensor:
+    """MSGAN's mode-seeking term (Mao et al. 2019, Eq. 3), scalar: mean|z_a - z_b| / (mean|G_a - G_b| + eps).
+
+    fake_a, fake_b [M, ...]: images made from the same codes with the noise latents z_a, z_b [M, Z'].
+    Minimising it pushes G to make images that differ when only z' differs (the inverse ratio of the paper,
+    bounded above by 1/eps when G ignores z').
+    """
+    if fake_a.shape != fake_b.shape or z_a.shape != z_b.shape or fake_a.shape[0] != z_a.shape[0]:
+        raise ValueError(
+            f"mode_seeking_loss needs paired batches, got images {tuple(fake_a.shape)} / {tuple(fake_b.shape)} "
+            f"and latents {tuple(z_a.shape)} / {tuple(z_b.shape)}"
+        )
+    if fake_a.shape[0] == 0:
+        raise ValueError("mode_seeking_loss needs at least one pair")
+    d_img = (fake_a.float() - fake_b.float()).abs().mean()
+    d_z = (z_a.float() - z_b.float()).abs().mean()
+    return d_z / (d_img + eps)
+
+
 def _add_weighted(total: torch.Tensor, term: torch.Tensor | None, weight: float, name: str) -> torch.Tensor:
     # A zero weight removes the term entirely (even a NaN one), so beta = 0 really is StyleGAN / a plain GAN.
     if term is None or weight == 0:
@@ -153,16 +173,22 @@ def total_generator_loss(
     beta: float = 1.0,
     grade_ce: torch.Tensor | None = None,
     grade_weight: float = 1.0,
+    mode_seeking: torch.Tensor | None = None,
+    mode_seeking_weight: float = 0.0,
 ) -> torch.Tensor:
-    """G's loss: g_nonsaturating(fake) + beta * neg_log_q [+ grade_weight * CE of the grade classifier on fakes].
+    """G's loss: g_nonsaturating(fake) + beta * neg_log_q [+ grade_weight * CE of the grade classifier on fakes]
+    [+ mode_seeking_weight * `mode_seeking_loss`].
 
     This is Eq. (4) for G: minimising -V (non-saturating form) and -beta * L_info.
     """
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
+    if mode_seeking_weight < 0:
+        raise ValueError(f"mode_seeking_weight must be >= 0, got {mode_seeking_weight}")
     loss = g_nonsaturating_loss(fake_logits)
     loss = _add_weighted(loss, neg_log_q, beta, "neg_log_q")
-    return _add_weighted(loss, grade_ce, grade_weight, "grade_ce")
+    loss = _add_weighted(loss, grade_ce, grade_weight, "grade_ce")
+    return _add_weighted(loss, mode_seeking, mode_seeking_weight, "mode_seeking")
 
 
 def total_discriminator_loss(

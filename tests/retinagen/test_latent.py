@@ -127,6 +127,17 @@ def test_sample_slicing_and_from_values_roundtrip() -> None:
         spec.from_values(s.z_noise, bad)
 
 
+@pytest.mark.parametrize("n", [1, 6, 7])
+def test_paired_codes_share_codes_and_keep_every_noise_latent(n: int) -> None:
+    spec = LatentSpec(z_dim=32, categorical=(3, 2), n_bernoulli=2, n_uniform=2)
+    s = spec.sample(n, _gen(3))
+    p = s.with_paired_codes()
+    m = n // 2
+    assert torch.equal(p.z_noise, s.z_noise) and len(p) == n
+    assert torch.equal(p.code()[m : 2 * m], s.code()[:m]) and torch.equal(p.code()[:m], s.code()[:m])
+    assert torch.equal(p.code()[2 * m :], s.code()[2 * m :])  # an odd last row keeps its own codes
+
+
 def test_with_code_sets_one_code_and_copies() -> None:
     spec = LatentSpec(z_dim=64)
     s = spec.sample(4, _gen(3))

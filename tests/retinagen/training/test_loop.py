@@ -422,7 +422,7 @@ def test_a_run_saved_before_newer_settings_existed_resumes(synth_zip_16: Path, t
     cfg = _cfg(synth_zip_16, "train.kimg=0.016")
     run = tmp_path / "run"
     train(cfg, run, progress=False)
-    newer = {"loss": ("q_trunk_scale", "beta_rampup_kimg"), "model": ("grade_entry",)}
+    newer = {"loss": ("q_trunk_scale", "beta_rampup_kimg", "mode_seeking"), "model": ("grade_entry",)}
     ck_json = latest_valid_checkpoint(run / "checkpoints")
     for path, key in ((ck_json, "config"), (run / "config.json", None)):
         doc = json.loads(path.read_text())
@@ -545,3 +545,42 @@ def test_the_stop_decision_is_the_one_agreed_at_the_all_reduce(monkeypatch: pyte
     assert flag.stop  # acted on at the next step's agreement, by every process together
     monkeypatch.setattr(loop.dist, "all_reduce", lambda t, op=None: None)
     assert loop._agree_on_stopping(False, flag, torch.device("cpu")) == (False, True)
+
+
+def test_mode_seeking_pairs_the_codes_and_reaches_gs_loss(
+    synth_zip_16: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With loss.mode_seeking the fakes come in pairs that share codes and grade and differ in z'; G's loss
+    gets the MSGAN term of exactly those pairs, with its weight; without it no pairs are drawn."""
+    from retinagen.training import losses
+
+    cfg = _cfg(synth_zip_16, "loss.mode_seeking=2.5")
+    trainer = Trainer(cfg, tmp_path / "run", log=False)
+    trainer.grade_probs = torch.full((5,), 0.2)
+    sample, grade = trainer._sample_fakes(5)
+    assert torch.equal(sample.cat[:2], sample.cat[2:4]) and torch.equal(sample.unif[:2], sample.unif[2:4])
+    assert torch.equal(grade[:2], grade[2:4]) and not torch.equal(sample.z_noise[:2], sample.z_noise[2:4])
+    calls: list[dict[str, Any]] = []
+    real_g = losses.total_generator_loss
+
+    def spy_g(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(kwargs)
+        return real_g(*args, **kwargs)
+
+    monkeypatch.setattr(losses, "total_generator_loss", spy_g)
+    res = cfg.model.resolution
+    stats = trainer.train_step(torch.zeros(4, 3, res, res), torch.tensor([0, 1, 2, 3]))
+    assert calls[0]["mode_seeking_weight"] == 2.5 and calls[0]["mode_seeking"] is not None
+    assert torch.isfinite(calls[0]["mode_seeking"]) and float(stats["loss/mode_seeking"]) > 0
+
+    plain = Trainer(_cfg(synth_zip_16), tmp_path / "plain", log=False)
+    plain.grade_probs = torch.full((5,), 0.2)
+    s2, _ = plain._sample_fakes(4)
+    assert not torch.equal(s2.unif[:2], s2.unif[2:4])
+    stats = plain.train_step(torch.zeros(4, 3, res, res), torch.tensor([0, 1, 2, 3]))
+    assert "loss/mode_seeking" not in stats
+
+
+def test_mode_seeking_needs_two_images_per_process(synth_zip_16: Path, tmp_path: Path) -> None:
+    with pytest.raises(RetinagenError, match="mode_seeking needs at least 2 images per process"):
+        Trainer(_cfg(synth_zip_16, "loss.mode_seeking=1", "train.batch_size=1"), tmp_path / "run", log=False)

@@ -14,6 +14,7 @@ from retinagen.training.losses import (
     g_nonsaturating_loss,
     grade_ce_loss,
     info_terms,
+    mode_seeking_loss,
     r1_loss,
     r1_penalty,
     total_discriminator_loss,
@@ -216,3 +217,30 @@ def test_beta_rampup_scales_only_g_s_info_term(tmp_path) -> None:
     plain = Trainer(load_run_config("synthfundus", preset="smoke", overrides=parse_overrides(["loss.beta=2"])),
                     tmp_path, progress=False)
     assert plain.g_info_weight() == 2.0
+
+
+def test_mode_seeking_loss_is_the_latent_over_the_image_distance() -> None:
+    z_a, z_b = torch.zeros(2, 4), torch.full((2, 4), 2.0)
+    a = torch.zeros(2, 3, 4, 4)
+    near, far = torch.full((2, 3, 4, 4), 0.5), torch.full((2, 3, 4, 4), 1.0)
+    assert float(mode_seeking_loss(a, near, z_a, z_b, eps=0.0)) == pytest.approx(4.0)
+    assert float(mode_seeking_loss(a, far, z_a, z_b, eps=0.0)) == pytest.approx(2.0)  # more different: lower
+    assert float(mode_seeking_loss(a, a, z_a, z_b)) == pytest.approx(2.0 / 1e-5)  # G ignoring z: bounded
+    x = near.clone().requires_grad_(True)
+    mode_seeking_loss(a, x, z_a, z_b).backward()
+    assert (x.grad < 0).all()  # the gradient pushes the pair apart
+    with pytest.raises(ValueError, match="paired batches"):
+        mode_seeking_loss(a, near[:1], z_a, z_b)
+    with pytest.raises(ValueError, match="at least one pair"):
+        mode_seeking_loss(a[:0], a[:0], z_a[:0], z_b[:0])
+
+
+def test_generator_loss_adds_the_mode_seeking_term_with_its_weight() -> None:
+    logits = torch.zeros(4)
+    base = total_generator_loss(logits)
+    ms = torch.tensor(3.0)
+    assert float(total_generator_loss(logits, mode_seeking=ms, mode_seeking_weight=0.5)) == pytest.approx(float(base) + 1.5)
+    # weight 0 removes the term, even a NaN one
+    assert float(total_generator_loss(logits, mode_seeking=torch.tensor(float("nan")))) == pytest.approx(float(base))
+    with pytest.raises(ValueError, match="mode_seeking_weight"):
+        total_generator_loss(logits, mode_seeking=ms, mode_seeking_weight=-1.0)
