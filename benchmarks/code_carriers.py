@@ -16,6 +16,8 @@ For every checkpoint of each run (the training generator G, whose fakes Q learns
   E|G(z_A, c_A) - G(z_B, c_B)|^2: how much of the images' variety the noise latent z and the codes c each make
   (a G that ignores z has z share 0).
 
+With `--grid`, a picture per run: per snapshot one row of 8 images with the same codes and 8 z'.
+
 Each row is one snapshot; every snapshot scores the same latents (seed 0), so rows differ by the weights only.
 """
 
@@ -37,6 +39,7 @@ from retinagen.latent import LatentSample, LatentSpec
 from retinagen.networks.build import build_d, build_g, latent_spec, num_classes
 from retinagen.run_dir import RunDir
 from retinagen.training.checkpoint import list_checkpoints, load_checkpoint
+from retinagen.training.loop import save_image_grid
 from retinagen.training.losses import info_terms
 
 
@@ -110,15 +113,29 @@ def score_models(G: Callable[..., torch.Tensor], D: Callable[..., Any], spec: La
     }
 
 
-def score_checkpoint(path: Path, n: int, sigma: float) -> dict[str, float]:
-    """`score_models` for a training checkpoint's G (the one Q learned from) and D."""
+@torch.no_grad()
+def same_codes_row(G: Callable[..., torch.Tensor], spec: LatentSpec, classes: int, cols: int) -> torch.Tensor:
+    """[cols, 3, R, R]: one code setting (and grade) of seed 0 with ``cols`` noise latents: what z' adds."""
+    gen = torch.Generator().manual_seed(0)
+    sample = spec.sample(cols, gen)
+    code = sample.code()[:1].expand(cols, -1)
+    grade = torch.randint(0, classes, (1,), generator=gen).expand(cols) if classes else None
+    torch.manual_seed(0)
+    return G(sample.z_noise, code, grade).float()
+
+
+def score_checkpoint(path: Path, n: int, sigma: float, cols: int = 0) -> tuple[dict[str, float], torch.Tensor | None]:
+    """`score_models` for a training checkpoint's G (the one Q learned from) and D, and with ``cols`` > 0
+    its `same_codes_row`."""
     ck = load_checkpoint(path)
     cfg = config_from_json(ck.meta["config"], str(path))
     G, D = build_g(cfg), build_d(cfg)
     G.load_state_dict(ck.module_state("G" if ck.has("G") else "G_ema"))
     D.load_state_dict(ck.module_state("D"))
-    row = score_models(G.eval(), D.eval(), latent_spec(cfg.latent), num_classes(cfg), n, sigma)
-    return {"kimg": float(ck.meta.get("kimg", 0.0)), **row}
+    spec, classes = latent_spec(cfg.latent), num_classes(cfg)
+    row = score_models(G.eval(), D.eval(), spec, classes, n, sigma)
+    pictures = same_codes_row(G, spec, classes, cols) if cols else None
+    return {"kimg": float(ck.meta.get("kimg", 0.0)), **row}, pictures
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -127,6 +144,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=256, help="fakes per snapshot (default 256)")
     ap.add_argument("--sigma", type=float, default=1.0, help="the blur that splits low from high frequencies, px")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--grid", type=Path, default=None,
+                    help="also write RUN's PNG: per snapshot, one row of 8 images with the same codes and 8 z' "
+                         "(one file per run: the run's name is added to the file name)")
     args = ap.parse_args(argv)
     if args.n < 2 or args.sigma <= 0:
         raise SystemExit("error: --n must be >= 2 and --sigma > 0")
@@ -141,10 +161,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("| kimg | hf share (fakes) | z share | code share | L_info clean | L_info blurred | hybrid: A's codes "
               "| hybrid: B's codes | H(C) |")
         print("|---|---|---|---|---|---|---|---|---|")
+        rows = []
         for c in cks:
-            r = score_checkpoint(c.with_suffix(".safetensors"), args.n, args.sigma)
+            r, pictures = score_checkpoint(c.with_suffix(".safetensors"), args.n, args.sigma, 8 if args.grid else 0)
+            if pictures is not None:
+                rows.append(pictures)
             print(f"| {r['kimg']:g} | {r['hf']:.4f} | {r['z_share']:.2f} | {r['c_share']:.2f} | {r['clean']:.2f} | "
                   f"{r['blur']:.2f} | {r['hyb_a']:.2f} | {r['hyb_b']:.2f} | {r['bound']:.2f} |", flush=True)
+        if args.grid:
+            out = args.grid.with_name(f"{args.grid.stem}_{run.name}.png")
+            grid = torch.cat(rows)
+            scale = max(1, 64 // grid.shape[-1])  # small images drawn at 64 px at least, pixel for pixel
+            save_image_grid(grid.repeat_interleave(scale, -1).repeat_interleave(scale, -2), out, cols=8)
+            print(f"\nwrote {out}: one row per snapshot, top to bottom")
 
 
 if __name__ == "__main__":

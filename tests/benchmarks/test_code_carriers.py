@@ -72,9 +72,13 @@ def test_a_run_of_the_trainer_gets_one_row_per_checkpoint(synth_zip_16: Path, tm
     cfg = load_run_config("synthfundus", preset="smoke", overrides=parse_overrides(
         ["train.kimg=0.032", "train.snapshot_kimg=0.016", "train.keep_checkpoints=5", f"data.path={synth_zip_16}"]))
     train(cfg, tmp_path / "run", progress=False)
-    code_carriers.main([str(tmp_path / "run"), "--n", "8"])
+    code_carriers.main([str(tmp_path / "run"), "--n", "8", "--grid", str(tmp_path / "z.png")])
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| 0.0")]
     assert [ln.split(" | ")[0] for ln in rows] == ["| 0.016", "| 0.032"]
+    from PIL import Image
+
+    with Image.open(tmp_path / "z_run.png") as im:  # 2 snapshots x 8 images, 16 px drawn at 64
+        assert im.size == (8 * 64, 2 * 64)
     with pytest.raises(SystemExit, match="--n must be"):
         code_carriers.main([str(tmp_path / "run"), "--n", "1"])
     with pytest.raises(SystemExit, match="no checkpoints"):
