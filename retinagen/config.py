@@ -141,6 +141,9 @@ class LossConfig(_Strict):
     # keeps a share of the images' variety against the info term, which rewards images that depend on the
     # codes alone. 0 turns it off (the pairs are not drawn).
     mode_seeking: float = Field(0.0, ge=0.0, le=100.0)
+    # The pair's image distance is taken on images average-pooled by this factor (1: pixels, MSGAN): with
+    # pixels, G measurably meets the term with z'-dependent grain; pooled, only larger structure counts.
+    mode_seeking_pool: int = Field(1, ge=1, le=64)
 
 
 class OptimConfig(_Strict):

@@ -237,6 +237,11 @@ class Trainer:
                 f"loss.mode_seeking needs at least 2 images per process to pair, got {per_rank} "
                 f"(train.batch_size {cfg.train.batch_size} over {self.d.world} processes)"
             )
+        if cfg.loss.mode_seeking > 0 and cfg.loss.mode_seeking_pool > cfg.model.resolution:
+            raise RetinagenError(
+                f"loss.mode_seeking_pool {cfg.loss.mode_seeking_pool} is larger than the "
+                f"{cfg.model.resolution} px images"
+            )
         if self.d.world > 1 and self.d.main and per_rank % cfg.model.mbstd_group:
             # Minibatch-stddev groups are consecutive rows of each process's slice; only when they tile it
             # are they the groups one process would form, and the run the same as a single-process run.
@@ -500,7 +505,8 @@ class Trainer:
         ms = None
         if cfg.loss.mode_seeking > 0:
             m = n // 2
-            ms = losses.mode_seeking_loss(fake[:m], fake[m : 2 * m], sample.z_noise[:m], sample.z_noise[m : 2 * m])
+            ms = losses.mode_seeking_loss(fake[:m], fake[m : 2 * m], sample.z_noise[:m], sample.z_noise[m : 2 * m],
+                                          pool=cfg.loss.mode_seeking_pool)
             stats["loss/mode_seeking"] = ms.detach()
         loss_g = losses.total_generator_loss(
             out.logits.float(), neg_log_q=info.neg_log_q if beta > 0 else None, beta=self.g_info_weight(),

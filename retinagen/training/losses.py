@@ -138,12 +138,13 @@ def grade_ce_loss(class_logits: torch.Tensor, grade: torch.Tensor) -> torch.Tens
 
 
 def mode_seeking_loss(fake_a: torch.Tensor, fake_b: torch.Tensor, z_a: torch.Tensor, z_b: torch.Tensor,
-                      eps: float = 1e-5) -> torch.Tensor:
+                      eps: float = 1e-5, pool: int = 1) -> torch.Tensor:
     """MSGAN's mode-seeking term (Mao et al. 2019, Eq. 3), scalar: mean|z_a - z_b| / (mean|G_a - G_b| + eps).
 
-    fake_a, fake_b [M, ...]: images made from the same codes with the noise latents z_a, z_b [M, Z'].
+    fake_a, fake_b [M, C, H, W]: images made from the same codes with the noise latents z_a, z_b [M, Z'].
     Minimising it pushes G to make images that differ when only z' differs (the inverse ratio of the paper,
-    bounded above by 1/eps when G ignores z').
+    bounded above by 1/eps when G ignores z'). ``pool`` > 1 takes the image distance on pool x pool
+    averages, so differences finer than that (grain) do not count.
     """
     if fake_a.shape != fake_b.shape or z_a.shape != z_b.shape or fake_a.shape[0] != z_a.shape[0]:
         raise ValueError(
@@ -152,7 +153,12 @@ def mode_seeking_loss(fake_a: torch.Tensor, fake_b: torch.Tensor, z_a: torch.Ten
         )
     if fake_a.shape[0] == 0:
         raise ValueError("mode_seeking_loss needs at least one pair")
-    d_img = (fake_a.float() - fake_b.float()).abs().mean()
+    if pool < 1:
+        raise ValueError(f"pool must be >= 1, got {pool}")
+    diff = fake_a.float() - fake_b.float()
+    if pool > 1:
+        diff = F.avg_pool2d(diff, pool)
+    d_img = diff.abs().mean()
     d_z = (z_a.float() - z_b.float()).abs().mean()
     return d_z / (d_img + eps)
 

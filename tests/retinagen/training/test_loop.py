@@ -422,7 +422,7 @@ def test_a_run_saved_before_newer_settings_existed_resumes(synth_zip_16: Path, t
     cfg = _cfg(synth_zip_16, "train.kimg=0.016")
     run = tmp_path / "run"
     train(cfg, run, progress=False)
-    newer = {"loss": ("q_trunk_scale", "beta_rampup_kimg", "mode_seeking"), "model": ("grade_entry",)}
+    newer = {"loss": ("q_trunk_scale", "beta_rampup_kimg", "mode_seeking", "mode_seeking_pool"), "model": ("grade_entry",)}
     ck_json = latest_valid_checkpoint(run / "checkpoints")
     for path, key in ((ck_json, "config"), (run / "config.json", None)):
         doc = json.loads(path.read_text())
@@ -554,7 +554,7 @@ def test_mode_seeking_pairs_the_codes_and_reaches_gs_loss(
     gets the MSGAN term of exactly those pairs, with its weight; without it no pairs are drawn."""
     from retinagen.training import losses
 
-    cfg = _cfg(synth_zip_16, "loss.mode_seeking=2.5")
+    cfg = _cfg(synth_zip_16, "loss.mode_seeking=2.5", "loss.mode_seeking_pool=2")
     trainer = Trainer(cfg, tmp_path / "run", log=False)
     trainer.grade_probs = torch.full((5,), 0.2)
     sample, grade = trainer._sample_fakes(5)
@@ -567,10 +567,18 @@ def test_mode_seeking_pairs_the_codes_and_reaches_gs_loss(
         calls.append(kwargs)
         return real_g(*args, **kwargs)
 
+    pools: list[int] = []
+    real_ms = losses.mode_seeking_loss
+
+    def spy_ms(*args: Any, **kwargs: Any) -> torch.Tensor:
+        pools.append(kwargs["pool"])
+        return real_ms(*args, **kwargs)
+
     monkeypatch.setattr(losses, "total_generator_loss", spy_g)
+    monkeypatch.setattr(losses, "mode_seeking_loss", spy_ms)
     res = cfg.model.resolution
     stats = trainer.train_step(torch.zeros(4, 3, res, res), torch.tensor([0, 1, 2, 3]))
-    assert calls[0]["mode_seeking_weight"] == 2.5 and calls[0]["mode_seeking"] is not None
+    assert calls[0]["mode_seeking_weight"] == 2.5 and calls[0]["mode_seeking"] is not None and pools == [2]
     assert torch.isfinite(calls[0]["mode_seeking"]) and float(stats["loss/mode_seeking"]) > 0
 
     plain = Trainer(_cfg(synth_zip_16), tmp_path / "plain", log=False)
@@ -581,6 +589,9 @@ def test_mode_seeking_pairs_the_codes_and_reaches_gs_loss(
     assert "loss/mode_seeking" not in stats
 
 
-def test_mode_seeking_needs_two_images_per_process(synth_zip_16: Path, tmp_path: Path) -> None:
+def test_mode_seeking_needs_two_images_per_process_and_a_pool_inside_the_image(synth_zip_16: Path,
+                                                                              tmp_path: Path) -> None:
     with pytest.raises(RetinagenError, match="mode_seeking needs at least 2 images per process"):
         Trainer(_cfg(synth_zip_16, "loss.mode_seeking=1", "train.batch_size=1"), tmp_path / "run", log=False)
+    with pytest.raises(RetinagenError, match="mode_seeking_pool 32 is larger than the 16 px"):
+        Trainer(_cfg(synth_zip_16, "loss.mode_seeking=1", "loss.mode_seeking_pool=32"), tmp_path / "run", log=False)

@@ -229,6 +229,13 @@ def test_mode_seeking_loss_is_the_latent_over_the_image_distance() -> None:
     x = near.clone().requires_grad_(True)
     mode_seeking_loss(a, x, z_a, z_b).backward()
     assert (x.grad < 0).all()  # the gradient pushes the pair apart
+    # pooled, a pair that differs only in grain (a +-1 checkerboard) counts as the same image
+    checker = ((torch.arange(4).view(-1, 1) + torch.arange(4)) % 2 * 2.0 - 1.0).expand(2, 3, 4, 4)
+    assert float(mode_seeking_loss(a, checker, z_a, z_b, eps=0.0)) == pytest.approx(2.0)
+    assert float(mode_seeking_loss(a, checker, z_a, z_b, pool=2)) == pytest.approx(2.0 / 1e-5)
+    assert float(mode_seeking_loss(a, far, z_a, z_b, eps=0.0, pool=2)) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="pool"):
+        mode_seeking_loss(a, far, z_a, z_b, pool=0)
     with pytest.raises(ValueError, match="paired batches"):
         mode_seeking_loss(a, near[:1], z_a, z_b)
     with pytest.raises(ValueError, match="at least one pair"):
