@@ -3,7 +3,8 @@
     python benchmarks/snapshot_table.py runs/abl/base runs/abl/beta01
 
 Reads RUN/metrics.jsonl: every snapshot's ``quality/*`` row (fd_fundus, precision, recall, grade fidelity,
-referable agreement, L_info of the discrete codes against H(C), scored on ``train.quality_n`` images) and,
+referable agreement, L_info of the discrete codes against H(C), scored on ``train.quality_n`` images; z share,
+the share of the images' variety the noise latent makes, where logged) and,
 for ADA runs, the augmentation strength p at that snapshot. Nothing is recomputed.
 """
 
@@ -45,6 +46,9 @@ def table(run: Path, label: str | None = None) -> str:
     minutes = scored[-1].get("quality/train_seconds", float("nan")) / 60.0
     head = "| kimg | fd_fundus | precision | recall | fidelity g0-g4 | referable agr. | L_info / H(C) |"
     sep = "|---|---|---|---|---|---|---|"
+    z_share = any("quality/z_share" in rec for rec in scored)  # logged since 2026-12-07
+    if z_share:
+        head, sep = head + " z share |", sep + "---|"
     if ada:
         head, sep = head + " ADA p |", sep + "---|"
     out = [f"**{label or run.name}** ({minutes:.0f} min of training)", "", head, sep]
@@ -56,6 +60,8 @@ def table(run: Path, label: str | None = None) -> str:
         line = (f"| {shown} | {_f(rec, 'quality/fd_fundus', '.1f')} | {_f(rec, 'quality/precision', '.3f')} | "
                 f"{_f(rec, 'quality/recall', '.3f')} | {fid} | {_f(rec, 'quality/referable_agreement', '.2f')} | "
                 f"{_f(rec, 'quality/L_info_discrete', '.2f')} / {_f(rec, 'quality/H_discrete', '.2f')} |")
+        if z_share:
+            line += f" {_f(rec, 'quality/z_share', '.2f')} |"
         if ada:
             before = [k for k in ada if k <= rec["kimg"] + 1e-9]
             line += f" {ada[max(before)]:.2f} |" if before else " – |"

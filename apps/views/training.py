@@ -39,7 +39,9 @@ else:
             st.line_chart(q[share_cols], x_label=x, y_label="share")
         best = q[api.QUALITY_FD_KEY].idxmin()
         st.caption(f"fd_fundus, precision / recall and grade fidelity of {len(q)} snapshots, scored by the fixed "
-                   f"judges on generated images; lowest fd_fundus {q[api.QUALITY_FD_KEY].min():.2f} at {x} "
+                   "judges on generated images (z_share: the share of the images' variety the noise latent z' "
+                   "makes; when it falls towards 0 the codes alone vary the images and recall falls with it); lowest"
+                   f" fd_fundus {q[api.QUALITY_FD_KEY].min():.2f} at {x} "
                    f"{best:g} (kept as checkpoints/best-*.safetensors).")
     st.caption(f"{len(rows):,} logged steps" + (f"; {bad} unreadable line(s) skipped" if bad else ""))
 

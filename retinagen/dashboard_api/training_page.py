@@ -31,7 +31,7 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, float]], int]:
 LOSS_KEYS = ("loss/D", "loss/G")
 # Per-snapshot scores of the fixed judges (training's quality/* lines); fd_fundus apart (its own scale).
 QUALITY_FD_KEY = "quality/fd_fundus"
-QUALITY_SHARE_KEYS = ("quality/precision", "quality/recall", "quality/referable_agreement")
+QUALITY_SHARE_KEYS = ("quality/precision", "quality/recall", "quality/referable_agreement", "quality/z_share")
 INFO_KEYS = ("info/L_info_discrete", "info/H_discrete", "info/L_info")
 
 

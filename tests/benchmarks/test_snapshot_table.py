@@ -38,3 +38,11 @@ def test_one_row_per_scored_snapshot_with_adas_p(tmp_path: Path, capsys: pytest.
 def test_a_folder_without_metrics_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="metrics.jsonl"):
         snapshot_table.main([str(tmp_path)])
+
+
+def test_the_z_share_column_appears_where_it_was_logged(tmp_path: Path) -> None:
+    scored = {"quality/fd_fundus": 30.0, "quality/L_info_discrete": 1.8, "quality/H_discrete": 5.95}
+    run = _run(tmp_path, [{"kimg": 2.0, **scored}, {"kimg": 4.0, **scored, "quality/z_share": 0.4321}])
+    lines = snapshot_table.table(run).splitlines()
+    assert lines[2].endswith("| L_info / H(C) | z share |")
+    assert lines[4].endswith("| 1.80 / 5.95 | – |") and lines[5].endswith("| 1.80 / 5.95 | 0.43 |")

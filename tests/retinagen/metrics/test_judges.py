@@ -246,6 +246,7 @@ def test_score_of_a_checkpoint(tiny_dir: Path, smoke_run_master: Path) -> None:
         assert set(row["fidelity"]) == set(range(model.num_classes))
     assert row["H_discrete"] >= 0 and row["L_info_discrete"] <= row["H_discrete"] + 1e-6
     assert "mig" in row and isinstance(row["acm"], dict)
+    assert 0 <= row["z_share"] <= 2 and 0 <= row["code_share"] <= 2  # logged at every snapshot
     again = score_checkpoint(model, judges, n=40, seed=0, quick=True)
     assert again["fd_fundus"] == pytest.approx(row["fd_fundus"], rel=1e-6)
     assert "mig" not in again and "acm" not in again
@@ -258,3 +259,29 @@ def load_judges_at(judges: jm.Judges, res: int) -> jm.Judges:
     meta = {**judges.meta, "spec": {**judges.meta["spec"], "resolution": res}}
     return jm.Judges(judges.folder, meta, judges.encoder, {"features": torch.from_numpy(judges.ref_features),
                                                            "grades": torch.from_numpy(judges.ref_grades)})
+
+
+def test_variety_shares_tell_a_g_that_ignores_z_from_one_that_ignores_the_codes() -> None:
+    from types import SimpleNamespace
+
+    from retinagen.latent import LatentSpec
+    from retinagen.metrics.quality import variety_shares
+
+    spec = LatentSpec(z_dim=8, categorical=(3,), n_bernoulli=2, n_uniform=2)
+
+    def model(use_z: float, use_c: float) -> SimpleNamespace:
+        def G(z, code, grade, **kwargs):  # noqa: N802
+            v = use_z * z[:, :3] + use_c * code[:, :3]
+            return v.view(-1, 3, 1, 1).expand(-1, 3, 4, 4)
+        return SimpleNamespace(spec=spec, G=G, device=torch.device("cpu"), num_classes=0, resolution=4, meta={})
+
+    only_codes = variety_shares(model(0.0, 1.0), 64, 0)
+    assert only_codes["z_share"] == 0.0 and only_codes["code_share"] == pytest.approx(1.0)
+    only_z = variety_shares(model(1.0, 0.0), 64, 0)
+    assert only_z["code_share"] == 0.0 and only_z["z_share"] == pytest.approx(1.0)
+    both = variety_shares(model(1.0, 1.0), 64, 0)
+    assert 0.05 < both["z_share"] < 0.95 and 0.05 < both["code_share"] < 0.95
+    assert both["z_share"] + both["code_share"] == pytest.approx(1.0, abs=0.1)  # additive, independent parts
+    assert variety_shares(model(1.0, 1.0), 64, 0) == both  # fixed seeds
+    assert variety_shares(SimpleNamespace(spec=LatentSpec(z_dim=8, categorical=(), n_bernoulli=0, n_uniform=0)),
+                          8, 0) == {}
