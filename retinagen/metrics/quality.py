@@ -9,7 +9,7 @@ snapshot (``quick=True``: the cheap part). The row holds:
   verdicts on those images;
 * ``L_info_discrete`` against ``H_discrete``: Q's mutual-information lower bound of the discrete codes on
   ``n`` fresh generated images (the paper's Fig. 10, at this checkpoint rather than from the training log);
-* ``z_share``, ``code_share`` (models with codes, on up to 256 pairs): how much of the images' variety the
+* ``z_share``, ``code_share`` (models with codes, on up to 128 pairs): how much of the images' variety the
   noise latent z' and the codes each make (`variety_shares`);
 * ``mig`` (not quick): Q on the judges' reference images, against their ground-truth factors;
 * ``acm`` (not quick): per attribute of a factor map discovered here (pigmentation, glare, field of view,
@@ -131,7 +131,7 @@ def score_checkpoint(
     imgs, grades = _generate(model, n, seed)
     row.update(judges.score(imgs, grades))
     row.update(info_at_checkpoint(model, min(n, 512), seed, batch_size))
-    row.update(variety_shares(model, min(n, 256), seed, batch_size))
+    row.update(variety_shares(model, min(n, 128), seed, batch_size))  # 4 G passes of 128: ~1-5 s on 2 cores
     if not quick and mig:
         row["mig"] = _mig(model, judges, batch_size, seed, progress)
     if not quick and acm:
