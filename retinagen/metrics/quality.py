@@ -131,7 +131,7 @@ def score_checkpoint(
     imgs, grades = _generate(model, n, seed)
     row.update(judges.score(imgs, grades))
     row.update(info_at_checkpoint(model, min(n, 512), seed, batch_size))
-    row.update(variety_shares(model, min(n, 128), seed, batch_size))  # 4 G passes of 128: ~1-5 s on 2 cores
+    row.update(variety_shares(model, min(n, 128), seed, batch_size))  # 256 pairs: 10.5 s on one busy thread
     if not quick and mig:
         row["mig"] = _mig(model, judges, batch_size, seed, progress)
     if not quick and acm:
