@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -71,11 +70,6 @@ def real_hf_share(run: Path, n: int, sigma: float) -> float:
     ds = ZipImageDataset(zips[0])
     imgs = torch.stack([ds[i][0] for i in range(min(n, len(ds)))])
     return hf_share(imgs, sigma)
-
-
-def _step(path: Path) -> int:
-    m = re.search(r"(\d+)$", path.stem)
-    return int(m.group(1)) if m else -1
 
 
 @torch.no_grad()
@@ -153,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     for run in args.runs:
-        cks = sorted((c for c in list_checkpoints(RunDir(run).checkpoints) if c.stem.startswith("ckpt-")), key=_step)
+        cks = list_checkpoints(RunDir(run).checkpoints)  # ckpt-<step>.json only, oldest first
         if not cks:
             raise SystemExit(f"error: {run}: no checkpoints")
         print(f"\n**{run.name}** (σ = {args.sigma:g} px, {args.n} fakes per snapshot; "
