@@ -353,6 +353,13 @@ class QParams:
     unif_logvar: torch.Tensor | None
 
 
+def pair_rows(t: torch.Tensor) -> torch.Tensor:
+    """Rows m..2m-1 of ``t`` replaced by rows 0..m-1 (m = N // 2; an odd last row kept): the pairs of the
+    mode-seeking term (`LatentSample.with_paired_codes`, and the grades that go with them)."""
+    m = t.shape[0] // 2
+    return torch.cat([t[:m], t[:m], t[2 * m :]])
+
+
 @dataclass(frozen=True)
 class LatentSample:
     """A batch of latents drawn from a `LatentSpec`.
@@ -416,12 +423,7 @@ class LatentSample:
     def with_paired_codes(self) -> LatentSample:
         """The same noise latents with rows m..2m-1 given the codes of rows 0..m-1 (m = N // 2; an odd
         last row keeps its own): pairs that differ in z' only, for the mode-seeking term."""
-        m = self.n // 2
-
-        def pair(t: torch.Tensor) -> torch.Tensor:
-            return torch.cat([t[:m], t[:m], t[2 * m :]])
-
-        return LatentSample(self.spec, self.z_noise, pair(self.cat), pair(self.bern), pair(self.unif))
+        return LatentSample(self.spec, self.z_noise, pair_rows(self.cat), pair_rows(self.bern), pair_rows(self.unif))
 
     def code(self) -> torch.Tensor:
         """Generator code input C [N, code_dim]: one-hot blocks, then Bernoulli 0/1, then uniform values."""

@@ -35,7 +35,7 @@ from torch import nn
 from retinagen.config import RunConfig, config_from_json
 from retinagen.errors import CheckpointError, RetinagenError
 from retinagen.fileio import atomic_write_json, atomic_write_text
-from retinagen.latent import LatentSpec
+from retinagen.latent import LatentSpec, pair_rows
 from retinagen.networks.build import build_d, build_g, latent_spec, num_classes
 from retinagen.networks.layers import BatchNoise, NoiseSource
 from retinagen.progress import progress_bar
@@ -405,9 +405,7 @@ class Trainer:
         if self.cfg.loss.mode_seeking > 0:
             # Pairs for the mode-seeking term: rows m..2m-1 take the codes (and grade) of rows 0..m-1.
             sample = sample.with_paired_codes()
-            if grade is not None:
-                m = n // 2
-                grade = torch.cat([grade[:m], grade[:m], grade[2 * m :]])
+            grade = None if grade is None else pair_rows(grade)
         return sample, grade
 
     def _sample_grades(self, n: int) -> torch.Tensor | None:
