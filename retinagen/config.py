@@ -113,6 +113,11 @@ class ModelConfig(_Strict):
     num_classes: int = Field(5, ge=2, le=1000)
     mbstd_group: int = Field(4, ge=1, le=64)
     aux_classifier: bool = False
+    # Progressive growing (`retinagen.networks.grow`): train first at this resolution, then fade in each
+    # next one over grow_fade_kimg and train it for grow_stable_kimg, up to `resolution`. None: off.
+    grow_from: int | None = None
+    grow_stable_kimg: float = Field(4.0, ge=0.0)
+    grow_fade_kimg: float = Field(2.0, ge=0.0)
 
     @field_validator("resolution")
     @classmethod
@@ -120,6 +125,17 @@ class ModelConfig(_Strict):
         if v < 8 or v > 1024 or 2 ** int(round(math.log2(v))) != v:
             raise ValueError("must be a power of two between 8 and 1024")
         return v
+
+    @model_validator(mode="after")
+    def _growable(self) -> ModelConfig:
+        g = self.grow_from
+        if g is None:
+            return self
+        if g < 4 or g >= self.resolution or 2 ** int(round(math.log2(g))) != g:
+            raise ValueError(f"grow_from must be a power of two from 4 up to below resolution ({self.resolution}), got {g}")
+        if not self.style:
+            raise ValueError("grow_from needs style: true (progressive growing uses the style generator's skip network)")
+        return self
 
 
 class LossConfig(_Strict):

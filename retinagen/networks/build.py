@@ -39,6 +39,7 @@ def build_g(cfg: RunConfig) -> nn.Module:
         mapping_lr_multiplier=m.mapping_lr_multiplier,
         code_input=m.code_input,
         grade_entry=m.grade_entry,
+        grow_from=m.grow_from,
     )
 
 
@@ -52,4 +53,5 @@ def build_d(cfg: RunConfig) -> nn.Module:
         num_classes=num_classes(cfg),
         mbstd_group=m.mbstd_group,
         aux_classifier=m.aux_classifier and m.conditional,
+        grow_from=m.grow_from,
     )

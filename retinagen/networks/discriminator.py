@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from retinagen.networks.generator import channels_at, check_grade, check_resolution
+from retinagen.networks.grow import GrowStage
 from retinagen.networks.layers import Downsample2d, EqualizedConv2d, EqualizedLinear, MinibatchStdDev
 
 
@@ -60,6 +61,9 @@ class Discriminator(nn.Module):
         mbstd_channels: number of minibatch-stddev statistics.
         q_hidden: hidden width of the Q MLP (default: the trunk width C4).
         aux_classifier: add a DR-grade classification head (needs num_classes > 0).
+        grow_from: train progressively from this resolution (`retinagen.networks.grow`): the input is
+            average-pooled to the stage's resolution and enters the trunk there through a fromRGB layer
+            of that resolution (``from_rgb_low``); None: off.
     """
 
     def __init__(
@@ -74,6 +78,7 @@ class Discriminator(nn.Module):
         mbstd_channels: int = 1,
         q_hidden: int | None = None,
         aux_classifier: bool = False,
+        grow_from: int | None = None,
     ) -> None:
         super().__init__()
         log2 = check_resolution(resolution)
@@ -106,6 +111,11 @@ class Discriminator(nn.Module):
         else:
             self.q_head = None
         self.class_head = EqualizedLinear(c4, num_classes) if aux_classifier else None
+        self.grow = GrowStage(grow_from, resolution) if grow_from is not None else None
+        self.from_rgb_low = (
+            nn.ModuleDict({str(r): EqualizedConv2d(3, ch(r), 1, activation=True) for r in self.grow.stages[:-1]})
+            if self.grow is not None else None
+        )  # fmt: skip
 
     def _check_img(self, img: torch.Tensor) -> None:
         r = self.resolution
@@ -115,15 +125,39 @@ class Discriminator(nn.Module):
     def _trunk(self, img: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """img -> (h [N, C4], pooled per-block activations {name: [N, C_i]})."""
         pooled: dict[str, torch.Tensor] = {}
-        x = self.from_rgb(img)
-        pooled[f"rgb{self.resolution}"] = x.mean(dim=(2, 3))
+        if self.grow is None or self.grow.full:
+            x = self.from_rgb(img)
+            pooled[f"rgb{self.resolution}"] = x.mean(dim=(2, 3))
+            top = self.resolution
+        else:
+            x, top = self._grown_entry(img)
         for r, block in zip(self.block_resolutions, self.blocks, strict=True):
+            if r > top:
+                continue
             x = block(x)
             pooled[f"block{r}"] = x.mean(dim=(2, 3))  # output of the block at r, spatial size r/2
         x = self.conv4(self.mbstd(x))
         pooled["conv4"] = x.mean(dim=(2, 3))
         h = self.fc(x.reshape(x.shape[0], -1))
         return h, pooled
+
+    def _grown_entry(self, img: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Progressive growing: (the trunk's input at the stage, the resolution of the first block to run).
+
+        At a stable stage r the image is pooled to r and enters through fromRGB_r. While r fades in, the
+        pooled image is first blended with its r/2 version (PGGAN's fade of the inputs) and the trunk's
+        input is alpha * block_r(fromRGB_r(x)) + (1 - alpha) * fromRGB_{r/2}(x pooled to r/2)."""
+        assert self.grow is not None and self.from_rgb_low is not None
+        r, low = self.grow.res, self.from_rgb_low
+        x_r = F.avg_pool2d(img, self.resolution // r) if r < self.resolution else img
+        if not self.grow.fading:
+            return low[str(r)](x_r), r
+        alpha = self.grow.alpha.to(img.dtype)
+        half = F.avg_pool2d(x_r, 2)
+        x_r = torch.lerp(F.interpolate(half, scale_factor=2.0, mode="nearest"), x_r, alpha)
+        entry = self.from_rgb if r == self.resolution else low[str(r)]
+        new = self.blocks[self.block_resolutions.index(r)](entry(x_r))
+        return torch.lerp(low[str(r // 2)](half), new, alpha), r // 2
 
     def forward(
         self, img: torch.Tensor, grade: torch.Tensor | None = None, *, q_grad_scale: float = 1.0

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from retinagen.latent import LatentSample, LatentSpec
+from retinagen.networks.grow import GrowStage
 from retinagen.networks.layers import (
     NOISE_MODES,
     EqualizedConv2d,
@@ -309,8 +310,10 @@ class SynthesisBlock(nn.Module):
         noise_mode: str,
         noise_generator: NoiseSource | None,
         noise: Sequence[torch.Tensor] | None = None,
+        rgb_alpha: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``noise``: pre-drawn noise of this block's layers (`layers`), in order, or None."""
+        """``noise``: pre-drawn noise of this block's layers (`layers`), in order, or None.
+        ``rgb_alpha``: a 0-d weight of this block's toRGB output (progressive growing's fade-in), or None."""
         it = iter(noise) if noise is not None else None
         if self.const is not None:
             x = self.const.to(w.dtype).unsqueeze(0).expand(w.shape[0], -1, -1, -1)
@@ -319,6 +322,8 @@ class SynthesisBlock(nn.Module):
             x = self.conv0(x, w, noise_mode, noise_generator, next(it) if it is not None else None)
         x = self.conv1(x, w, noise_mode, noise_generator, next(it) if it is not None else None)
         rgb = self.torgb(x, w)
+        if rgb_alpha is not None:
+            rgb = rgb * rgb_alpha.to(rgb.dtype)
         img = rgb if img is None else self.img_up(img).to(rgb.dtype) + rgb
         return x, img
 
@@ -327,11 +332,14 @@ class SynthesisNetwork(nn.Module):
     """w [N, w_dim] -> img [N, 3, R, R]; the same w for every layer (style mixing off).
 
     With ``grade_classes`` > 0 each block adds a learned offset of w per grade (zero at start), so the
-    grade also enters every resolution directly, not only through the mapping network.
+    grade also enters every resolution directly, not only through the mapping network. With ``grow_from``
+    the network grows progressively (`retinagen.networks.grow`): blocks above the stage's resolution are
+    skipped and the image upsampled to R, and the stage's own block fades in.
     """
 
     def __init__(
-        self, w_dim: int, resolution: int, channel_base: int, channel_max: int, grade_classes: int = 0
+        self, w_dim: int, resolution: int, channel_base: int, channel_max: int, grade_classes: int = 0,
+        grow_from: int | None = None,
     ) -> None:
         super().__init__()
         log2 = check_resolution(resolution)
@@ -348,6 +356,7 @@ class SynthesisNetwork(nn.Module):
         self.grade_offsets = (
             nn.Parameter(torch.zeros(len(blocks), grade_classes, w_dim)) if grade_classes > 0 else None
         )
+        self.grow = GrowStage(grow_from, resolution) if grow_from is not None else None
 
     def forward(
         self,
@@ -375,10 +384,17 @@ class SynthesisNetwork(nn.Module):
         for i, (block, k) in enumerate(zip(self.blocks, counts, strict=True)):
             part = noise[start : start + k] if noise is not None else None
             start += k
+            rgb_alpha = None
+            if self.grow is not None and block.resolution >= self.grow.res:
+                if block.resolution > self.grow.res:  # not grown yet: the image is only upsampled
+                    assert img is not None and block.img_up is not None
+                    img = block.img_up(img)
+                    continue
+                rgb_alpha = self.grow.alpha if self.grow.fading else None
             wb = w
             if self.grade_offsets is not None and grade is not None:
                 wb = w + self.grade_offsets[i][grade.long()].to(w.dtype)
-            x, img = block(x, img, wb, noise_mode, noise_generator, part)
+            x, img = block(x, img, wb, noise_mode, noise_generator, part, rgb_alpha)
         assert img is not None
         return img
 
@@ -436,6 +452,7 @@ class StyleGenerator(_GeneratorBase):
             the same energy as the noise, see `balanced_input`) or "raw" (normalised concat(Z', C)).
         grade_entry: "mapping" (the grade embedding joins z) or "layers" (also a per-block learned
             offset of w per grade; see `SynthesisNetwork`).
+        grow_from: train progressively from this resolution (`retinagen.networks.grow`); None: off.
     """
 
     def __init__(
@@ -451,6 +468,7 @@ class StyleGenerator(_GeneratorBase):
         mapping_lr_multiplier: float = 0.01,
         code_input: str = "balanced",
         grade_entry: str = "mapping",
+        grow_from: int | None = None,
     ) -> None:
         super().__init__()
         check_resolution(resolution)
@@ -473,7 +491,7 @@ class StyleGenerator(_GeneratorBase):
         )
         self.synthesis = SynthesisNetwork(
             w_dim, resolution, channel_base, channel_max,
-            grade_classes=num_classes if grade_entry == "layers" else 0,
+            grade_classes=num_classes if grade_entry == "layers" else 0, grow_from=grow_from,
         )  # fmt: skip
 
     def forward(
@@ -614,8 +632,10 @@ def build_generator(style: bool, **kwargs: Any) -> StyleGenerator | DirectGenera
     """S = 1 -> `StyleGenerator(**kwargs)`; S = 0 -> `DirectGenerator(**kwargs)`.
 
     For S = 0 the style-only arguments (w_dim, mapping_layers, mapping_lr_multiplier, grade_entry) are dropped, so one
-    config can build either variant.
+    config can build either variant; ``grow_from`` other than None is refused.
     """
     if style:
         return StyleGenerator(**kwargs)
+    if kwargs.pop("grow_from", None) is not None:
+        raise ValueError("progressive growing (grow_from) needs the style generator's skip synthesis network")
     return DirectGenerator(**{k: v for k, v in kwargs.items() if k not in STYLE_ONLY_KWARGS})

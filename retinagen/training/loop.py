@@ -37,6 +37,7 @@ from retinagen.errors import CheckpointError, RetinagenError
 from retinagen.fileio import atomic_write_json, atomic_write_text
 from retinagen.latent import LatentSpec, pair_rows
 from retinagen.networks.build import build_d, build_g, latent_spec, num_classes
+from retinagen.networks.grow import GrowStage, grow_stage
 from retinagen.networks.layers import BatchNoise, NoiseSource
 from retinagen.progress import progress_bar
 from retinagen.run_dir import RunDir
@@ -297,6 +298,9 @@ class Trainer:
             self.augment = AugmentPipe(a.transforms, p=a.p, mode=a.mode, target=a.target,
                                        speed_kimg=a.speed_kimg, interval=a.interval)
 
+        # Progressive growing: the stage (resolution, fade) of G, D and G_ema, set from the images shown.
+        self._grow_stages = [m for net in (self.G, self.D, self.G_ema) for m in net.modules() if isinstance(m, GrowStage)]
+
         self._compiled_G: nn.Module = self.G
         self._compiled_D: nn.Module = self.D
         if cfg.train.compile:
@@ -440,6 +444,14 @@ class Trainer:
         cont_w = cfg.loss.info_continuous_weight
         n = real.shape[0]
         stats: dict[str, torch.Tensor | float] = {}
+        if self._grow_stages:
+            m = cfg.model
+            assert m.grow_from is not None
+            res, alpha = grow_stage(self.images_seen / 1000.0, m.grow_from, m.resolution, m.grow_stable_kimg,
+                                    m.grow_fade_kimg)
+            for stage in self._grow_stages:
+                stage.set(res, alpha)
+            stats["grow/resolution"], stats["grow/alpha"] = float(res), alpha
 
         # --- D phase: max V (logistic), Q (sharing D's trunk) learns to recover the codes of fakes.
         # With train.reuse_fakes G's graph is kept here and these fakes are the G phase's too.

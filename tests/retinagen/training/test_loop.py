@@ -14,6 +14,7 @@ import torch
 
 from retinagen.config import configs_dir, load_run_config, parse_overrides
 from retinagen.errors import CheckpointError, RetinagenError
+from retinagen.networks.build import build_g
 from retinagen.training.checkpoint import latest_valid_checkpoint, load_checkpoint
 from retinagen.training.loop import StreamSampler, Trainer, load_run_config_from_dir, train
 
@@ -422,7 +423,7 @@ def test_a_run_saved_before_newer_settings_existed_resumes(synth_zip_16: Path, t
     cfg = _cfg(synth_zip_16, "train.kimg=0.016")
     run = tmp_path / "run"
     train(cfg, run, progress=False)
-    newer = {"loss": ("q_trunk_scale", "beta_rampup_kimg", "mode_seeking", "mode_seeking_pool"), "model": ("grade_entry",)}
+    newer = {"loss": ("q_trunk_scale", "beta_rampup_kimg", "mode_seeking", "mode_seeking_pool"), "model": ("grade_entry", "grow_from", "grow_stable_kimg", "grow_fade_kimg")}
     ck_json = latest_valid_checkpoint(run / "checkpoints")
     for path, key in ((ck_json, "config"), (run / "config.json", None)):
         doc = json.loads(path.read_text())
@@ -595,3 +596,28 @@ def test_mode_seeking_needs_two_images_per_process_and_a_pool_inside_the_image(s
         Trainer(_cfg(synth_zip_16, "loss.mode_seeking=1", "train.batch_size=1"), tmp_path / "run", log=False)
     with pytest.raises(RetinagenError, match="mode_seeking_pool 32 is larger than the 16 px"):
         Trainer(_cfg(synth_zip_16, "loss.mode_seeking=1", "loss.mode_seeking_pool=32"), tmp_path / "run", log=False)
+
+
+def test_progressive_growing_steps_through_its_stages_and_resumes_exactly(synth_zip_16: Path, tmp_path: Path) -> None:
+    grow = ("model.grow_from=4", "model.grow_stable_kimg=0.008", "model.grow_fade_kimg=0.004")
+    cfg = _cfg(synth_zip_16, *grow)
+    train(cfg, tmp_path / "straight", progress=False)
+    train(cfg, tmp_path / "halves", progress=False, max_steps=3)  # stops inside the 8 px fade
+    mid = load_checkpoint(latest_valid_checkpoint(tmp_path / "halves" / "checkpoints"))
+    assert int(mid.tensors["G_ema.synthesis.grow.stage_res"]) == 8 and float(mid.tensors["D.grow.alpha"]) < 1
+    train(cfg, tmp_path / "halves", resume=True, progress=False)
+    a = load_checkpoint(latest_valid_checkpoint(tmp_path / "straight" / "checkpoints"))
+    b = load_checkpoint(latest_valid_checkpoint(tmp_path / "halves" / "checkpoints"))
+    for key in (k for k in a.tensors if k != "rng.torch_cpu"):
+        assert torch.equal(a.tensors[key], b.tensors[key]), key
+    rows = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    # 4 images a step: 2 steps at 4 px, the 8 px fade (1 step), 2 steps at 8 px, the 16 px fade, then 16 px.
+    assert [(r["grow/resolution"], r["grow/alpha"]) for r in rows] == [
+        (4, 1.0), (4, 1.0), (8, 0.0), (8, 1.0), (8, 1.0), (16, 0.0), (16, 1.0), (16, 1.0)]
+    # The upper blocks learn only once grown: after 2 steps at 4 px the 16 px block is still its init.
+    early = train(cfg, tmp_path / "early", progress=False, max_steps=2).last_checkpoint
+    assert early is not None
+    torch.manual_seed(cfg.train.seed)  # the trainer's parameter init
+    init = build_g(cfg).state_dict()["synthesis.blocks.2.conv1.weight"]
+    key = "G.synthesis.blocks.2.conv1.weight"
+    assert torch.equal(load_checkpoint(early).tensors[key], init) and not torch.equal(a.tensors[key], init)
