@@ -4,8 +4,9 @@
 
 Reads RUN/metrics.jsonl: every snapshot's ``quality/*`` row (fd_fundus, precision, recall, grade fidelity,
 referable agreement, L_info of the discrete codes against H(C), scored on ``train.quality_n`` images; z share,
-the share of the images' variety the noise latent makes, where logged) and,
-for ADA runs, the augmentation strength p at that snapshot. Nothing is recomputed.
+the share of the images' variety the noise latent makes, where logged), the training minutes up to it and,
+for ADA runs, the augmentation strength p at that snapshot, for progressively grown runs the stage
+(resolution, and the fade's alpha while one runs). Nothing is recomputed.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from pathlib import Path
 from retinagen.run_dir import RunDir
 
 
-def rows(run: Path) -> tuple[list[dict], dict[float, float]]:
+def rows(run: Path) -> tuple[list[dict], dict[float, float], dict[float, str]]:
+    """(scored snapshots, ADA's p by kimg, the growing stage by kimg) of one run."""
     path = RunDir(run).metrics
     if not path.is_file():
         raise SystemExit(f"error: {path}: not found (is {run} a run folder?)")
-    scored, ada = [], {}
+    scored, ada, stage = [], {}, {}
     for line, rec in RunDir(run).log():
         if rec is None:
             print(f"warning: {path}: a line that is not JSON (or not an object), skipped: {line[:60]!r}", file=sys.stderr)
@@ -31,7 +33,16 @@ def rows(run: Path) -> tuple[list[dict], dict[float, float]]:
             scored.append(rec)
         if "augment/p" in rec:
             ada[float(rec["kimg"])] = float(rec["augment/p"])
-    return scored, ada
+        if "grow/resolution" in rec:
+            alpha = float(rec.get("grow/alpha", 1.0))
+            stage[float(rec["kimg"])] = f"{rec['grow/resolution']:.0f}" + (f" ({alpha:.2f})" if alpha < 1 else "")
+    return scored, ada, stage
+
+
+def _at(values: dict[float, str], kimg: float) -> str:
+    """The last logged value at or before ``kimg`` (logging steps and snapshots need not coincide)."""
+    before = [k for k in values if k <= kimg + 1e-9]
+    return values[max(before)] if before else "–"
 
 
 def _f(rec: dict, key: str, fmt: str) -> str:
@@ -40,7 +51,7 @@ def _f(rec: dict, key: str, fmt: str) -> str:
 
 
 def table(run: Path, label: str | None = None) -> str:
-    scored, ada = rows(run)
+    scored, ada, stage = rows(run)
     if not scored:
         return f"**{label or run.name}**: no scored snapshot in {run / 'metrics.jsonl'}\n"
     minutes = scored[-1].get("quality/train_seconds", float("nan")) / 60.0
@@ -49,8 +60,13 @@ def table(run: Path, label: str | None = None) -> str:
     z_share = any("quality/z_share" in rec for rec in scored)  # logged since 2026-12-07
     if z_share:
         head, sep = head + " z share |", sep + "---|"
+    minutes_logged = any("quality/train_seconds" in rec for rec in scored)
+    if minutes_logged:
+        head, sep = head + " min |", sep + "---|"
     if ada:
         head, sep = head + " ADA p |", sep + "---|"
+    if stage:
+        head, sep = head + " stage px |", sep + "---|"
     out = [f"**{label or run.name}** ({minutes:.0f} min of training)", "", head, sep]
     for rec in scored:
         grades = sorted(int(k.rsplit("/", 1)[1]) for k in rec if k.startswith("quality/fidelity/"))
@@ -62,9 +78,13 @@ def table(run: Path, label: str | None = None) -> str:
                 f"{_f(rec, 'quality/L_info_discrete', '.2f')} / {_f(rec, 'quality/H_discrete', '.2f')} |")
         if z_share:
             line += f" {_f(rec, 'quality/z_share', '.2f')} |"
+        if minutes_logged:
+            secs = rec.get("quality/train_seconds")
+            line += f" {secs / 60.0:.1f} |" if isinstance(secs, (int, float)) else " – |"
         if ada:
-            before = [k for k in ada if k <= rec["kimg"] + 1e-9]
-            line += f" {ada[max(before)]:.2f} |" if before else " – |"
+            line += f" {_at({k: f'{v:.2f}' for k, v in ada.items()}, kimg)} |"
+        if stage:
+            line += f" {_at(stage, kimg)} |"
         out.append(line)
     return "\n".join(out) + "\n"
 

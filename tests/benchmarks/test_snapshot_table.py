@@ -30,8 +30,8 @@ def test_one_row_per_scored_snapshot_with_adas_p(tmp_path: Path, capsys: pytest.
     text = snapshot_table.table(run, "demo")
     assert text.splitlines()[0] == "**demo** (10 min of training)"
     body = [ln for ln in text.splitlines() if ln.startswith("| 2 ") or ln.startswith("| 4 ")]
-    assert body == ["| 2 | 30.2 | 0.500 | 0.250 | 0.00 / 0.10 / 0.20 / 0.30 / 0.40 | 0.50 | 1.80 / 5.95 | 0.20 |",
-                    "| 4 | 30.2 | 0.500 | – | 0.00 / 0.10 / 0.20 / 0.30 / 0.40 | 0.50 | 1.80 / 5.95 | 0.30 |"]
+    assert body == ["| 2 | 30.2 | 0.500 | 0.250 | 0.00 / 0.10 / 0.20 / 0.30 / 0.40 | 0.50 | 1.80 / 5.95 | 10.0 | 0.20 |",
+                    "| 4 | 30.2 | 0.500 | – | 0.00 / 0.10 / 0.20 / 0.30 / 0.40 | 0.50 | 1.80 / 5.95 | 10.0 | 0.30 |"]
     assert "not JSON" in capsys.readouterr().err
 
 
@@ -46,3 +46,13 @@ def test_the_z_share_column_appears_where_it_was_logged(tmp_path: Path) -> None:
     lines = snapshot_table.table(run).splitlines()
     assert lines[2].endswith("| L_info / H(C) | z share |")
     assert lines[4].endswith("| 1.80 / 5.95 | – |") and lines[5].endswith("| 1.80 / 5.95 | 0.43 |")
+
+
+def test_a_grown_run_shows_its_stage_at_each_snapshot(tmp_path: Path) -> None:
+    scored = {"quality/fd_fundus": 30.0, "quality/L_info_discrete": 1.8, "quality/H_discrete": 5.95}
+    run = _run(tmp_path, [{"kimg": 1.9, "grow/resolution": 8.0, "grow/alpha": 1.0}, {"kimg": 2.0, **scored},
+                          {"kimg": 4.9, "grow/resolution": 16.0, "grow/alpha": 0.45}, {"kimg": 5.0, **scored},
+                          {"kimg": 12.0, "grow/resolution": 32.0, "grow/alpha": 1.0}, {"kimg": 12.0, **scored}])
+    lines = snapshot_table.table(run).splitlines()
+    assert lines[2].endswith("| L_info / H(C) | stage px |")
+    assert [ln.rsplit("|", 2)[1].strip() for ln in lines[4:7]] == ["8", "16 (0.45)", "32"]
