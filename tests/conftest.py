@@ -53,12 +53,6 @@ def _share_the_cores() -> None:
     cv2.setNumThreads(int(threads))  # OpenCV's own thread pool ignores OMP_NUM_THREADS
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Files marked `heavy` first (each file's tests keep their order): the xdist workers take files in this
-    order, and a long file started last would run alone while the other workers sit idle."""
-    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
-
-
 def pytest_unconfigure(config: pytest.Config) -> None:
     for home in _fake_home:
         shutil.rmtree(home, ignore_errors=True)

@@ -34,7 +34,6 @@ START_TIMEOUT_S = 120  # server start + first model load on a busy 2-core machin
 UI_TIMEOUT_MS = 90_000
 
 pytestmark = [
-    pytest.mark.heavy,
     pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.is_file(), reason="needs Debian's chromium at /usr/bin/chromium "
                        "(apt-get install chromium); Playwright's own browser download is not used"),

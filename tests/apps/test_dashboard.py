@@ -18,8 +18,6 @@ from retinagen.metrics.review_store import DB_NAME, ReviewStore
 from tests.retinagen.data import dicom_fixtures as dfx
 from tests.retinagen.test_dashboard_api import build_dashboard_run
 
-pytestmark = pytest.mark.heavy  # tens of seconds in all: handed to a test worker first (tests/conftest.py)
-
 AppTest = pytest.importorskip("streamlit.testing.v1").AppTest
 
 APP = str(Path(__file__).resolve().parents[2] / "apps" / "dashboard.py")

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = [pytest.mark.heavy, pytest.mark.skipif(
+pytestmark = pytest.mark.skipif(
     shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs the project's git checkout"
-)]
+)
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess[str]:

@@ -67,7 +67,7 @@ PER_CALL_S = 5.0
 OUT_RES = 32
 
 # Pillow warns about damaged EXIF / TIFF tags it skips; expected here, and only noise in the report.
-pytestmark = [pytest.mark.heavy, pytest.mark.filterwarnings("ignore::UserWarning:PIL")]
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:PIL")
 
 COUNTS: collections.Counter[str] = collections.Counter()
 SLOWEST: dict[str, float] = {}  # target -> longest single call, seconds

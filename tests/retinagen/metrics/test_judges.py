@@ -28,8 +28,6 @@ from retinagen.metrics.judges import (
     precision_recall,
 )
 
-pytestmark = pytest.mark.heavy  # tens of seconds in all: handed to a test worker first (tests/conftest.py)
-
 TINY = JudgeSpec(resolution=16, n_train=160, n_reference=96, epochs=1, min_steps=10)
 
 

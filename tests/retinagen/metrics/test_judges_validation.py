@@ -1,7 +1,6 @@
 """The shipped 32 px judges, validated like FID (Heusel et al.): held-out real images score near the floor,
 each disturbance raises fd_fundus as its level rises, mode dropping lowers recall, and the grader judge reads
-real grades. A file of its own (the building tests are in test_judges.py), so the two heaviest parts of the
-judges' tests run on different test workers.
+real grades. The building tests (tiny 16 px judges) are in test_judges.py.
 """
 
 from __future__ import annotations
@@ -23,8 +22,6 @@ from retinagen.metrics.judges import (
     get_judges,
     held_out_real,
 )
-
-pytestmark = pytest.mark.heavy  # tens of seconds in all: handed to a test worker first (tests/conftest.py)
 
 DEFAULT = JudgeSpec()
 HELD_OUT_SEED = 4242  # of no training run and of neither judge set

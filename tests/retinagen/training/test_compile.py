@@ -22,8 +22,6 @@ from retinagen.config import load_run_config, parse_overrides
 from retinagen.networks.layers import Downsample2d, Upsample2d, replicate_pad1
 from retinagen.training.checkpoint import latest_valid_checkpoint, load_checkpoint
 
-pytestmark = pytest.mark.heavy  # tens of seconds in all: handed to a test worker first (tests/conftest.py)
-
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 4, 8, 8)])
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -1,8 +1,7 @@
 """DDP on gloo: N processes compute what one process computes on the whole batch (the all-reduce proven by a
 control without it), torchrun with one process, and stopping every process at the same step.
 
-A file of its own (the rest of the loop's tests are in test_loop.py), so these multi-process runs and the loop's
-other tests run on different test workers.
+The loop's single-process tests are in test_loop.py.
 """
 
 from __future__ import annotations
@@ -20,8 +19,6 @@ from retinagen.training.checkpoint import latest_valid_checkpoint, load_checkpoi
 from retinagen.training.loop import Trainer, train
 
 from .test_loop import _cfg, _start_training
-
-pytestmark = pytest.mark.heavy  # tens of seconds in all: handed to a test worker first (tests/conftest.py)
 
 _WITH_THEN_WITHOUT_ALLREDUCE = """
 import sys

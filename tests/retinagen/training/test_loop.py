@@ -19,8 +19,6 @@ from retinagen.networks.build import build_g
 from retinagen.training.checkpoint import latest_valid_checkpoint, load_checkpoint
 from retinagen.training.loop import StreamSampler, Trainer, load_run_config_from_dir, train
 
-pytestmark = pytest.mark.heavy  # tens of seconds in all: handed to a test worker first (tests/conftest.py)
-
 MSI = sorted((configs_dir() / "msi").glob("*.yaml"))
 
 

@@ -21,8 +21,6 @@ from retinagen.training.losses import (
     total_generator_loss,
 )
 
-pytestmark = pytest.mark.heavy  # tens of seconds in all: handed to a test worker first (tests/conftest.py)
-
 LOG2 = math.log(2.0)
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
