@@ -40,7 +40,12 @@ _MAX_SPILL = 0.08  # share of the bright region outside the (3% enlarged) disc
 _MAX_SURROUND_LEVEL = 0.1  # surround brightness vs the FOV's, both above the darkest class ...
 _MAX_SURROUND_STEP = 4.0  # ... or this many levels (of 255) above it, whichever is larger
 _EDGE_TOLERANCE = 3.0  # px of a native-resolution image that a band's edge may wander (JPEG blocks)
-_EDGE_WIDTH = 1.0  # px either side of a circle where `_edge_score` compares inside and outside
+_STRONG_EDGE = 30.0 / 255  # rim contrast above which a ray's steepest drop is its edge (see `_refine_circle`)
+_MIN_RIM = 2.0 / 255  # rim level above the surround below which a ray holds no edge
+_EDGE_SIGMA = (0.35, 1.5)  # native px: the error of a bright ray's edge point, and of a dim ray's
+_EDGE_MAX_FRAC = 0.03  # refined circle: inlier residuals below this share of the radius
+_MASS_SPAN = (6.0, 2.0, 5.0)  # native px: rim line from r - 6 to r - 2, rim mass from r - 2 to r + 5
+_SURROUND_SPAN = (3.0, 8.0)  # native px outside r where the surround's level is measured
 _MAX_DESCENTS = 2  # extra Otsu splits of the darker class tried when the first gives no round FOV
 
 
@@ -64,64 +69,160 @@ class FOV:
     coverage: float
 
 
-
 # ---------------------------------------------------------------------------------------------------
 # Field-of-view detection
 # ---------------------------------------------------------------------------------------------------
 
 
-def _fit_circle(pts: np.ndarray) -> tuple[float, float, float]:
-    """Least-squares algebraic (Kasa) circle fit to points [N, 2] (x, y) -> (cx, cy, r)."""
-    mean = pts.mean(axis=0)
+def _fit_circle(pts: np.ndarray, w: np.ndarray | None = None) -> tuple[float, float, float]:
+    """Least-squares algebraic (Kasa) circle fit to points [N, 2] (x, y), optionally weighted [N],
+    -> (cx, cy, r)."""
+    if w is None:
+        w = np.ones(len(pts))
+    mean = (pts * w[:, None]).sum(axis=0) / w.sum()
     p = (pts - mean).astype(np.float64)
     # x^2 + y^2 = 2 a x + 2 b y + c, linear in (a, b, c); centred for conditioning.
-    a_mat = np.column_stack([2 * p[:, 0], 2 * p[:, 1], np.ones(len(p))])
-    rhs = (p**2).sum(axis=1)
+    sw = np.sqrt(w)[:, None]
+    a_mat = np.column_stack([2 * p[:, 0], 2 * p[:, 1], np.ones(len(p))]) * sw
+    rhs = (p**2).sum(axis=1) * sw[:, 0]
     (a, b, c), *_ = np.linalg.lstsq(a_mat, rhs, rcond=None)
     r2 = c + a * a + b * b
     r = math.sqrt(r2) if r2 > 0 else float("nan")
     return float(a + mean[0]), float(b + mean[1]), r
 
 
-def _robust_circle(pts: np.ndarray) -> tuple[float, float, float, np.ndarray]:
-    """Kasa fit, then refit on inliers until stable.
+def _weighted_median(v: np.ndarray, w: np.ndarray | None) -> float:
+    if w is None:
+        return float(np.median(v))
+    order = np.argsort(v)
+    cw = np.cumsum(w[order])
+    return float(v[order][np.searchsorted(cw, 0.5 * cw[-1])])
 
-    Inlier: residual below 3 robust sigmas, but never above 2% of the radius (so a ragged, non-round
-    outline cannot make every point an inlier) nor below 1.5 px (pixel quantisation). Drops outline
-    points that are not on the FOV circle: camera notches, dark vessels or lesions that dent the rim.
-    Returns (cx, cy, r, inlier mask).
+
+def _robust_circle(
+    pts: np.ndarray, w: np.ndarray | None = None, max_frac: float = 0.02
+) -> tuple[float, float, float, np.ndarray]:
+    """Kasa fit (weighted by `w` if given), then refit on inliers until stable.
+
+    Inlier: residual below 3 robust sigmas (from the weighted median residual), but never above
+    `max_frac` of the radius (so a ragged, non-round outline cannot make every point an inlier) nor
+    below 1.5 px (pixel quantisation). Drops outline points that are not on the FOV circle: camera
+    notches, dark vessels or lesions that dent the rim. Returns (cx, cy, r, inlier mask).
     """
     inliers = np.ones(len(pts), dtype=bool)
-    cx, cy, r = _fit_circle(pts)
+    cx, cy, r = _fit_circle(pts, w)
     for _ in range(6):
         if not math.isfinite(r):
             break
         res = np.abs(np.hypot(pts[:, 0] - cx, pts[:, 1] - cy) - r)
-        sigma = 1.4826 * float(np.median(res[inliers]))
-        new = res < max(1.5, min(3.0 * sigma, 0.02 * r))
+        sigma = 1.4826 * _weighted_median(res[inliers], None if w is None else w[inliers])
+        new = res < max(1.5, min(3.0 * sigma, max_frac * r))
         if new.sum() < 8 or np.array_equal(new, inliers):
             break
         inliers = new
-        cx, cy, r = _fit_circle(pts[inliers])
+        cx, cy, r = _fit_circle(pts[inliers], None if w is None else w[inliers])
     return cx, cy, r, inliers
 
 
-def _edge_score(
-    bright: np.ndarray, cx: float, cy: float, r: float, frame: tuple[int, int, int, int], w: float
-) -> float:
-    """How sharp an edge the circle sits on: the median over rays inside the frame of brightness
-    `w` px inside the circle minus `w` px outside it (-inf if fewer than 20 rays are in the frame)."""
+def _radial_profiles(
+    bright: np.ndarray, cx: float, cy: float, rho: np.ndarray, frame: tuple[int, int, int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Brightness along 360 rays from (cx, cy), sampled at radii `rho`: (directions [360, 2],
+    profiles [360, len(rho)], n_in [360]), n_in the number of a ray's leading samples inside the
+    frame (x0, y0, x1, y1) (a ray leaving a rectangle never re-enters it)."""
     x0, y0, x1, y1 = frame
-    theta = np.linspace(0.0, 2.0 * math.pi, 720, endpoint=False)
+    theta = np.linspace(0.0, 2.0 * math.pi, 360, endpoint=False)
     c, s = np.cos(theta), np.sin(theta)
-    xo, yo = cx + c * (r + w), cy + s * (r + w)
-    xi, yi = cx + c * (r - w), cy + s * (r - w)
-    ok = (xo >= x0 + 1) & (xo <= x1 - 1) & (yo >= y0 + 1) & (yo <= y1 - 1)
-    if ok.sum() < 20:
-        return -math.inf
-    pin = cv2.remap(bright, xi[ok, None].astype(np.float32), yi[ok, None].astype(np.float32), cv2.INTER_LINEAR)
-    pout = cv2.remap(bright, xo[ok, None].astype(np.float32), yo[ok, None].astype(np.float32), cv2.INTER_LINEAR)
-    return float(np.median(pin - pout))
+    mx = (cx + c[:, None] * rho[None, :]).astype(np.float32)
+    my = (cy + s[:, None] * rho[None, :]).astype(np.float32)
+    prof = cv2.remap(bright, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE).astype(np.float64)
+    inside = (mx >= x0 + 1) & (mx <= x1 - 1) & (my >= y0 + 1) & (my <= y1 - 1)
+    n_in = np.where(inside.all(axis=1), rho.size, np.argmin(inside, axis=1))
+    return np.column_stack([c, s]), prof, n_in
+
+
+def _steepest_edges(
+    bright: np.ndarray,
+    cx: float,
+    cy: float,
+    r: float,
+    low: float,
+    level: float,
+    frame: tuple[int, int, int, int],
+    u: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each ray's steepest brightness drop within 15 % of r: (edge radii [360], contrast [360], ok [360]).
+
+    A ray is ok if past the drop, from half a window to two windows out (windows of 3 native px, `u`
+    small px each; within the frame), it reaches below `level` (the surround) and the drop is at
+    least half of level - low. A bright rim's edge, blurred and ringing from JPEG, reaches the
+    surround only there. contrast: the mean before the drop minus the minimum past it.
+    """
+    step = 0.25
+    rho = np.arange(0.85 * r, 1.15 * r + 4.0 * u, step)
+    _, prof, n_in = _radial_profiles(bright, cx, cy, rho, frame)
+    rows = np.arange(len(prof))
+    grad = np.gradient(prof, axis=1)
+    k = round(3.0 * u / step)
+    j_all = np.arange(rho.size)[None, :]
+    searchable = (j_all >= k) & (j_all < (n_in - round(u / step))[:, None])
+    j = np.argmin(np.where(searchable, grad, np.inf), axis=1)
+    ok = searchable[rows, j]
+    csum = np.concatenate([np.zeros((len(prof), 1)), np.cumsum(prof, axis=1)], axis=1)
+    a, b = np.clip(j - k, 0, rho.size), np.clip(j - k // 2, 0, rho.size)
+    before = (csum[rows, b] - csum[rows, a]) / np.maximum(1, b - a)
+    past = (j_all >= (j + k // 2)[:, None]) & (j_all < np.minimum(j + 2 * k, n_in)[:, None])
+    after = np.where(past, prof, np.inf).min(axis=1)
+    after = np.where(np.isfinite(after), after, prof[rows, np.clip(n_in - 1, 0, rho.size - 1)])
+    # Past the drop the ray must fall close to the surround (within 15 % of the rim's height) and
+    # the drop must be at least half of level - low: a glare rim or a JPEG block edge inside the
+    # FOV drops steeply but not to black.
+    ok &= (after - low < 0.15 * (before - low)) & (before - after > 0.5 * (level - low))
+    jj = np.clip(j, 1, rho.size - 2)
+    g0, g1, g2 = grad[rows, jj - 1], grad[rows, jj], grad[rows, jj + 1]
+    denom = g0 - 2.0 * g1 + g2
+    offset = np.where(denom > 0, 0.5 * (g0 - g2) / np.where(denom > 0, denom, 1.0), 0.0)
+    return rho[jj] + step * np.clip(offset, -1.0, 1.0), before - after, ok
+
+
+def _mass_edges(
+    bright: np.ndarray, cx: float, cy: float, r: float, low: float, frame: tuple[int, int, int, int], u: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each ray's edge near radius r, placed by the brightness the rim carries above the surround:
+    (edge radii [360], rim contrast [360], ok [360]).
+
+    A dim rim in a JPEG is smeared over its 8x8 blocks and quantised with them, so its steepest
+    drop lies wherever a block boundary or the vignetting slope happens to be; blurring and block
+    averaging keep the brightness *sum*. The excess over the surround from r - 2 to r + 5 native px
+    (`u` small px each), divided by the rim's level (a line fitted from r - 6 to r - 2 px, never
+    rising outwards, extrapolated), is how far the FOV extends past r - 2. The surround level is the
+    trimmed mean (the sum is what the blocks keep, not the median) of the samples 3 to 8 px outside
+    r, or `low` if the frame keeps fewer than 100 of them.
+    """
+    step = 0.25
+    fa, fb, sb = _MASS_SPAN
+    s0, s1 = _SURROUND_SPAN
+    rho = np.arange(r - fa * u, r + max(sb, s1) * u, step)
+    _, prof, n_in = _radial_profiles(bright, cx, cy, rho, frame)
+    rows = np.arange(len(prof))
+    ja, jr, jb = (round(v * u / step) for v in (fa - fb, fa, fa + sb))
+    j_all = np.arange(rho.size)[None, :]
+    js0, js1 = round((fa + s0) * u / step), round((fa + s1) * u / step)
+    outer = np.sort(prof[(j_all >= js0) & (j_all < np.minimum(n_in, js1)[:, None])])
+    n = outer.size
+    surround = float(outer[n // 10 : n - n // 10].mean()) if n >= 100 * u else low
+    x = rho[:ja] - rho[ja]
+    xc, pc = x - x.mean(), prof[:, :ja] - prof[:, :ja].mean(axis=1, keepdims=True)
+    slope = (pc * xc).sum(axis=1) / (xc * xc).sum()
+    rim = prof[:, :ja].mean(axis=1) - slope * x.mean() - surround  # the line's excess at r - 2 px
+    slope = np.minimum(slope, 0.0)  # extrapolated past r - 2 px only while it falls
+    end = np.minimum(jb, n_in)
+    csum = np.concatenate([np.zeros((len(prof), 1)), np.cumsum(prof - surround, axis=1)], axis=1)
+    mass = (csum[rows, np.maximum(end, ja)] - csum[rows, ja]) * step
+    # The extent L past r - 2 px: rim L + slope L^2 / 2 = mass (a stable form of the root).
+    ext = 2.0 * mass / np.maximum(rim + np.sqrt(np.maximum(rim * rim + 2.0 * slope * mass, 0.0)), 1e-12)
+    ok = (n_in >= jr) & (rim > 0) & (ext > 0) & (ext < (end - ja) * step)
+    return rho[ja] + ext, rim, ok
 
 
 def _refine_circle(
@@ -132,59 +233,53 @@ def _refine_circle(
     low: float,
     level: float,
     frame: tuple[int, int, int, int],
+    u: float,
 ) -> tuple[float, float, float] | None:
-    """Move the circle onto the FOV's actual edge: the steepest brightness drop along radial rays.
+    """Move the circle onto the FOV's actual edge, found along radial rays.
 
     The threshold outline sits wherever the dim periphery crosses the threshold, so vignetting
-    (common in EyePACS) shrinks it; the edge of the FOV, a sharp step to black, does not move with
-    exposure or threshold. bright: [h, w] smoothed brightness; (cx, cy, r): the outline's circle;
-    low: the surround's level; level: the outline's threshold; frame: (x0, y0, x1, y1), the first
-    and last columns and rows inside the frame (the image, less any straight black bands). A ray
-    counts if, 3 px past its steepest drop, it is below `level` (surround) and the drop is at least
-    half of level - low. Rays that leave the frame before the edge (frame cut) are skipped: at a
-    band's straight edge the steepest drop is the band's, not the circle's. Returns None if too
-    few rays agree or the circle would move implausibly far.
+    (common in EyePACS) shrinks it, and in a dark, glary photograph it bulges out at the glare and
+    falls inside the dim side. bright: [h, w] smoothed brightness; (cx, cy, r): the outline's
+    circle; low: the surround's level; level: the outline's threshold; frame: (x0, y0, x1, y1), the
+    first and last columns and rows inside the frame (the image, less any straight black bands);
+    u: small-image pixels per native pixel (> 1 for an enlarged small image).
+
+    On a ray whose rim stands well above the surround (a bright rim: `_STRONG_EDGE`) the edge is the
+    steepest drop (`_steepest_edges`), to a fraction of a pixel; on a dim ray that drop can be far
+    off and the edge is placed by the brightness the rim carries (`_mass_edges`), to a pixel or
+    two. Both go into one robust circle fit, weighted by how well each locates the edge: a bright
+    arc alone is too short to fix the radius when the frame cuts the circle, and a dim one alone
+    too vague. The bright rays' edges are found once, from the outline's circle, and first fix a
+    circle of their own; the dim rays' are found from the current circle and the fit is repeated
+    once (a third round measured worse on the full sweep). Rays that leave the frame before the
+    edge are skipped. Returns None if too few rays agree or the circle would move implausibly far.
     """
-    x0, y0, x1, y1 = frame
+    cur = (cx, cy, r + 0.5)
     theta = np.linspace(0.0, 2.0 * math.pi, 360, endpoint=False)
-    step = 0.25
-    rho = np.arange(0.85 * r, 1.15 * r + 4.0, step)
-    mx = (cx + np.cos(theta)[:, None] * rho[None, :]).astype(np.float32)
-    my = (cy + np.sin(theta)[:, None] * rho[None, :]).astype(np.float32)
-    prof = cv2.remap(bright, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    inside = (mx >= x0 + 1) & (mx <= x1 - 1) & (my >= y0 + 1) & (my <= y1 - 1)
-    # A ray leaving a rectangle never re-enters it: its usable part is the leading run of `inside`.
-    n_in = np.where(inside.all(axis=1), rho.size, np.argmin(inside, axis=1))
-    grad = np.gradient(prof, axis=1)
-    k = round(3.0 / step)  # 3 px on either side of the edge
-    j_all = np.arange(rho.size)[None, :]
-    searchable = (j_all >= k) & (j_all < (n_in - k)[:, None])
-    j = np.argmin(np.where(searchable, grad, np.inf), axis=1)
-    ok = searchable[np.arange(theta.size), j]
-    # Means of the profile over [j - k, j - k/2) (inside) and [j + k/2, j + k) (outside).
-    csum = np.concatenate([np.zeros((theta.size, 1), np.float64), np.cumsum(prof, axis=1)], axis=1)
-    rows = np.arange(theta.size)
-
-    def window_mean(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        a, b = np.clip(a, 0, rho.size), np.clip(b, 0, rho.size)
-        return (csum[rows, b] - csum[rows, a]) / np.maximum(1, b - a)
-
-    before = window_mean(j - k, j - k // 2)
-    after = window_mean(j + k // 2, j + k)
-    ok &= (after < level) & (before - after > 0.5 * (level - low))
-    jj = np.clip(j, 1, rho.size - 2)
-    g0, g1, g2 = grad[rows, jj - 1], grad[rows, jj], grad[rows, jj + 1]
-    denom = g0 - 2.0 * g1 + g2
-    offset = np.where(denom > 0, 0.5 * (g0 - g2) / np.where(denom > 0, denom, 1.0), 0.0)
-    re = rho[jj] + step * np.clip(offset, -1.0, 1.0)
-    if ok.sum() < 20:
+    dirs = np.column_stack([np.cos(theta), np.sin(theta)])
+    steep0, contrast0, ok0 = _steepest_edges(bright, *cur, low, level, frame, u)
+    strong0 = ok0 & (contrast0 >= _STRONG_EDGE)
+    pts0 = np.array(cur[:2]) + dirs * steep0[:, None]
+    if ok0.sum() >= 12:
+        c1 = _robust_circle(pts0[ok0], contrast0[ok0] ** 2)[:3]
+        if math.isfinite(c1[2]) and math.hypot(c1[0] - cx, c1[1] - cy) + abs(c1[2] - r) <= 0.15 * r:
+            cur = c1
+    ps = pts0[strong0]
+    for _ in range(2):
+        mass, rim, mass_ok = _mass_edges(bright, *cur, low, frame, u)
+        weak = ~strong0 & mass_ok & (rim >= _MIN_RIM)
+        pw = (np.array(cur[:2]) + dirs * mass[:, None])[weak]
+        pts = np.concatenate([ps, pw])
+        sigma = np.concatenate([np.full(len(ps), _EDGE_SIGMA[0]), np.full(len(pw), _EDGE_SIGMA[1])]) * u
+        if len(pts) < 16:
+            return None
+        ncx, ncy, nr, inliers = _robust_circle(pts, 1.0 / sigma**2, max_frac=_EDGE_MAX_FRAC)
+        if not math.isfinite(nr) or inliers.sum() < 16:
+            return None
+        cur = (ncx, ncy, nr)
+    if math.hypot(cur[0] - cx, cur[1] - cy) + abs(cur[2] - r) > 0.15 * r:
         return None
-    pts = np.column_stack([cx + np.cos(theta) * re, cy + np.sin(theta) * re])[ok]
-    ncx, ncy, nr, inliers = _robust_circle(pts)
-    moved = math.hypot(ncx - cx, ncy - cy) + abs(nr - r) if math.isfinite(nr) else math.inf
-    if inliers.sum() < 16 or moved > 0.15 * r:
-        return None
-    return ncx, ncy, nr
+    return cur
 
 
 def _no_fundus(reason: str) -> NoFundusError:
@@ -468,6 +563,9 @@ def detect_fov(img: np.ndarray) -> FOV:
     brighter = u8[u8 > corner_thr]
     if brighter.size:
         candidates.append((corner, float(np.median(brighter)), corner_thr))
+        # ... and, failing that, the usual fraction of the way from the corners' level to the FOV's.
+        high = float(np.median(brighter))
+        candidates.append((corner, high, corner + _THRESHOLD_FRACTION * (high - corner)))
     black = min(corner, *(low for low, _ in levels))
     first_error: NoFundusError | None = None
     for low, high, thr in candidates:
@@ -489,15 +587,7 @@ def detect_fov(img: np.ndarray) -> FOV:
 
     # Outline pixels are the outermost pixels *inside* the region: the edge is half a pixel out.
     fitted = (cx, cy, r + 0.5)
-    refined = _refine_circle(bright_n, cx, cy, r, low / 255.0, thr / 255.0, frame)
-    # The steepest-drop refinement is kept only where the edge is sharper on its circle than on the
-    # outline's: in a dark, glary, JPEG-noisy photograph a glare rim or a block edge can be steeper
-    # than the dim FOV edge on some rays and pull the circle off (measured: 5 of 25 sweep failures).
-    width = _EDGE_WIDTH * max(1.0, 1.0 / f)
-    if refined is not None and _edge_score(bright_n, *fitted, frame, width) > _edge_score(
-        bright_n, *refined, frame, width
-    ):
-        refined = None
+    refined = _refine_circle(bright_n, cx, cy, r, low / 255.0, thr / 255.0, frame, max(1.0, 1.0 / f))
     cx, cy, r = refined if refined is not None else fitted
     # Back to full-resolution pixel coordinates (small pixel centre i <-> full-res f * (i + 0.5) - 0.5).
     cx_full = f * (cx + 0.5) - 0.5

@@ -245,6 +245,12 @@ def quick_grid() -> Iterator[Case]:
                 (0.40, 0.50), ((0.3, 0), (0, 0.3), (0.1, 0.1), (0.2, 0)), ("band", "crop"), (0.7, 1.4)
             ):
                 yield from emit([Case(source, size, radius, ct, cl, style, gamma, **worst)])
+            # The full grid's hardest combination: dark, underexposed and JPEG-noisy without glare (the
+            # rim only a few grey levels above the surround's noise).
+            for radius, (ct, cl), style in itertools.product(
+                (0.40, 0.50), ((0, 0), (0.3, 0), (0, 0.3), (0.1, 0.1), (0.2, 0)), ("band", "crop")
+            ):
+                yield from emit([Case(source, size, radius, ct, cl, style, 1.4, dark=True, jpeg=True)])
 
 
 def _table(cases: Iterable[Case]) -> list[tuple[Case, tuple[float, float] | str]]:
@@ -275,34 +281,34 @@ def _summary(rows: list[tuple[Case, tuple[float, float] | str]]) -> str:
 
 
 # The cases of the default grid the detector does not yet handle to 2 %, each named (strict: one that starts
-# passing fails the run until it is taken off). All are the same combination at 128 px: a heavily pigmented
-# fundus with strong glare, underexposed (gamma 1.4) and JPEG-noisy (quality 30, surround noise up to
-# 16/255), where one side of the FOV's rim is at the surround's noise level and the 2 % bar is 1-1.3 px.
-# 1 is refused ("outline not circular": the glare patch and the dim periphery split the bright region),
-# 16 are found with a 2-5.5 % centre error on the dim side, whose rim is ~3 levels above the surround, so the
-# refinement follows the vignetting slope instead; none is a wrong object (a round glare patch taken for the disc, 33 %
-# off, is now refused by the "surrounded by black" check). 25 before the band-edge tolerance for enlarged
-# images and the edge-score check on the refinement, 18 before a band's edge was put at its densest line of
-# points rather than at its extreme point; tried and not kept: three more thresholds between the
-# corner level and the fundus, a blur scaled to the enlargement, a wider band margin (each 20-29 failures).
+# passing fails the run until it is taken off). All are underexposed (gamma 1.4), dark and JPEG-noisy (quality
+# 30, surround noise up to 16/255), all but one at 128 px, where the 2 % bar is 1-1.3 px: the synthetic fundus's
+# vignetted rim falls over ~6 px to 2-3 grey levels above the surround's noise, and the circle is placed
+# 1.5-3 px inside it (radius 3-5 % small), or the dim rim breaks the outline ("not circular"). None is a wrong
+# object. 35 of these 313 cases failed before the refinement placed dim rays' edges by the brightness the rim
+# carries (`retinagen.data.fov._mass_edges`) beside the bright rays' steepest drops; 21 fail now.
 KNOWN_FAILURES = frozenset({
-    "retina128-r0.50-tb0.00-lr0.30-band-g1.4-dark-glare-jpeg",
-    "retina128-r0.50-tb0.00-lr0.30-crop-g1.4-dark-glare-jpeg",
-    "retina128-r0.50-tb0.30-lr0.00-crop-g1.4-dark-glare-jpeg",
-    "synth128-r0.40-tb0.00-lr0.30-band-g1.4-dark-glare-jpeg",
-    "synth128-r0.40-tb0.10-lr0.10-band-g1.4-dark-glare-jpeg",
-    "synth128-r0.40-tb0.10-lr0.10-crop-g1.4-dark-glare-jpeg",
-    "synth128-r0.40-tb0.20-lr0.00-band-g1.4-dark-glare-jpeg",
-    "synth128-r0.40-tb0.20-lr0.00-crop-g1.4-dark-glare-jpeg",
-    "synth128-r0.40-tb0.30-lr0.00-band-g1.4-dark-glare-jpeg",
-    "synth128-r0.40-tb0.30-lr0.00-crop-g1.4-dark-glare-jpeg",
-    "synth128-r0.50-tb0.00-lr0.30-band-g1.4-dark-glare-jpeg",
-    "synth128-r0.50-tb0.00-lr0.30-crop-g1.4-dark-glare-jpeg",
-    "synth128-r0.50-tb0.10-lr0.10-band-g1.4-dark-glare-jpeg",
-    "synth128-r0.50-tb0.10-lr0.10-crop-g1.4-dark-glare-jpeg",
-    "synth128-r0.50-tb0.20-lr0.00-crop-g1.4-dark-glare-jpeg",
+    "synth128-r0.40-tb0.00-lr0.00-band-g1.4-dark-jpeg",
+    "synth128-r0.40-tb0.00-lr0.00-crop-g1.4-dark-jpeg",
+    "synth128-r0.40-tb0.00-lr0.30-band-g1.4-dark-jpeg",
+    "synth128-r0.40-tb0.00-lr0.30-crop-g1.4-dark-jpeg",
+    "synth128-r0.40-tb0.10-lr0.10-band-g1.4-dark-jpeg",
+    "synth128-r0.40-tb0.10-lr0.10-crop-g1.4-dark-jpeg",
+    "synth128-r0.40-tb0.20-lr0.00-band-g1.4-dark-jpeg",
+    "synth128-r0.40-tb0.20-lr0.00-crop-g1.4-dark-jpeg",
+    "synth128-r0.40-tb0.30-lr0.00-band-g1.4-dark-jpeg",
+    "synth128-r0.40-tb0.30-lr0.00-crop-g1.4-dark-jpeg",
+    "synth128-r0.50-tb0.00-lr0.00-band-g1.4-dark-jpeg",
+    "synth128-r0.50-tb0.00-lr0.00-crop-g1.4-dark-jpeg",
+    "synth128-r0.50-tb0.00-lr0.30-band-g1.4-dark-jpeg",
+    "synth128-r0.50-tb0.00-lr0.30-crop-g1.4-dark-jpeg",
+    "synth128-r0.50-tb0.10-lr0.10-band-g1.4-dark-jpeg",
+    "synth128-r0.50-tb0.10-lr0.10-crop-g1.4-dark-jpeg",
+    "synth128-r0.50-tb0.20-lr0.00-band-g1.4-dark-jpeg",
     "synth128-r0.50-tb0.30-lr0.00-band-g1.4-dark-glare-jpeg",
     "synth128-r0.50-tb0.30-lr0.00-crop-g1.4-dark-glare-jpeg",
+    "synth128-r0.50-tb0.30-lr0.00-crop-g1.4-dark-jpeg",
+    "synth512-r0.50-tb0.30-lr0.00-band-g1.4-dark-jpeg",
 })
 
 
@@ -312,7 +318,7 @@ def known_gap(case: Case) -> bool:
 
 _QUICK = list(quick_grid())
 _MARKED = [
-    pytest.param(c, marks=pytest.mark.xfail(reason="known gap: dark + glare + gamma 1.4 + JPEG", strict=True))
+    pytest.param(c, marks=pytest.mark.xfail(reason="known gap: dark + gamma 1.4 + JPEG", strict=True))
     if known_gap(c)
     else c
     for c in _QUICK
