@@ -141,15 +141,11 @@ def _radial_profiles(
     return np.column_stack([c, s]), prof, n_in
 
 
+Frame = tuple[int, int, int, int]  # (x0, y0, x1, y1): the first and last columns and rows inside the frame
+
+
 def _steepest_edges(
-    bright: np.ndarray,
-    cx: float,
-    cy: float,
-    r: float,
-    low: float,
-    level: float,
-    frame: tuple[int, int, int, int],
-    u: float,
+    bright: np.ndarray, circle: tuple[float, float, float], low: float, level: float, frame: Frame, u: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each ray's steepest brightness drop within 15 % of r: (edge radii [360], contrast [360], ok [360]).
 
@@ -158,6 +154,7 @@ def _steepest_edges(
     least half of level - low. A bright rim's edge, blurred and ringing from JPEG, reaches the
     surround only there. contrast: the mean before the drop minus the minimum past it.
     """
+    cx, cy, r = circle
     step = 0.25
     rho = np.arange(0.85 * r, 1.15 * r + 4.0 * u, step)
     _, prof, n_in = _radial_profiles(bright, cx, cy, rho, frame)
@@ -257,7 +254,7 @@ def _refine_circle(
     cur = (cx, cy, r + 0.5)
     theta = np.linspace(0.0, 2.0 * math.pi, 360, endpoint=False)
     dirs = np.column_stack([np.cos(theta), np.sin(theta)])
-    steep0, contrast0, ok0 = _steepest_edges(bright, *cur, low, level, frame, u)
+    steep0, contrast0, ok0 = _steepest_edges(bright, cur, low, level, frame, u)
     strong0 = ok0 & (contrast0 >= _STRONG_EDGE)
     pts0 = np.array(cur[:2]) + dirs * steep0[:, None]
     if ok0.sum() >= 12:
