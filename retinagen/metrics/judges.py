@@ -350,12 +350,35 @@ DISTURBANCES: dict[str, tuple[float, ...]] = {
 }
 
 
+MODE_DROPPING = ("one_grade", "pigmentation_range", "repeated")  # resample part of the set: no pixel changes
+
+
+def _resampled(name: str, level: float, grades: np.ndarray, factors: np.ndarray | None,
+               factor_names: Sequence[str], rng: np.random.Generator) -> np.ndarray:
+    """The indices a mode-dropping disturbance draws (as many as there are images)."""
+    n = len(grades)
+    if name == "one_grade":
+        keep = np.flatnonzero(grades == int(level))
+    elif name == "pigmentation_range":
+        if factors is None or "pigmentation" not in factor_names:
+            raise ValueError("pigmentation_range needs the images' ground-truth pigmentation factor")
+        col = factors[:, list(factor_names).index("pigmentation")]
+        keep = np.flatnonzero(col <= np.quantile(col, level))
+    else:
+        keep = rng.choice(n, size=max(1, int(round(level * n))), replace=False)
+    return keep[rng.integers(0, len(keep), n)] if len(keep) else keep
+
+
+def _rng(name: str, level: float, seed: int) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(name.encode()), int(level * 1000)])
+
+
 def disturb(name: str, level: float, images: np.ndarray, grades: np.ndarray, factors: np.ndarray | None,
             factor_names: Sequence[str], seed: int = 0) -> np.ndarray:
     """``images`` (uint8 [N, H, W, 3]) under one disturbance of `DISTURBANCES` at ``level``."""
     import cv2
 
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode()), int(level * 1000)])
+    rng = _rng(name, level, seed)
     n = len(images)
     x = images.astype(np.float32)
     if name == "blur":
@@ -373,34 +396,32 @@ def disturb(name: str, level: float, images: np.ndarray, grades: np.ndarray, fac
             top, left = rng.integers(0, h - s + 1), rng.integers(0, w - s + 1)
             out[i, top : top + s, left : left + s] = 0
         return out
-    if name == "one_grade":
-        keep = np.flatnonzero(grades == int(level))
-    elif name == "pigmentation_range":
-        if factors is None or "pigmentation" not in factor_names:
-            raise ValueError("pigmentation_range needs the images' ground-truth pigmentation factor")
-        col = factors[:, list(factor_names).index("pigmentation")]
-        keep = np.flatnonzero(col <= np.quantile(col, level))
-    elif name == "repeated":
-        keep = rng.choice(n, size=max(1, int(round(level * n))), replace=False)
-    else:
+    if name not in MODE_DROPPING:
         raise ValueError(f"unknown disturbance {name!r}; known: {', '.join(DISTURBANCES)}")
-    return images[keep[rng.integers(0, len(keep), n)]] if len(keep) else images[:0]
+    return images[_resampled(name, level, grades, factors, factor_names, rng)]
 
 
 def disturbance_table(judges: Judges, images: np.ndarray, grades: np.ndarray, factors: np.ndarray | None,
                       factor_names: Sequence[str]) -> list[dict[str, Any]]:
-    """fd_fundus, precision and recall of held-out real ``images`` as they are and under every disturbance."""
+    """fd_fundus, precision and recall of held-out real ``images`` as they are and under every disturbance.
+
+    A mode-dropping disturbance only resamples the images, so its features are the undisturbed ones, indexed.
+    """
     rows = []
 
-    def add(name: str, level: float, imgs: np.ndarray) -> None:
-        feats = judges.features(imgs)
+    def add(name: str, level: float, feats: np.ndarray) -> None:
         p, r = precision_recall(feats, judges.ref_features)
         rows.append({"disturbance": name, "level": level, "fd_fundus": judges.fd(feats), "precision": p, "recall": r})
 
-    add("none", 0.0, images)
+    base = judges.features(images)
+    add("none", 0.0, base)
     for name, levels in DISTURBANCES.items():
         for level in levels:
-            add(name, level, disturb(name, level, images, grades, factors, factor_names))
+            if name in MODE_DROPPING:
+                feats = base[_resampled(name, level, grades, factors, factor_names, _rng(name, level, 0))]
+            else:
+                feats = judges.features(disturb(name, level, images, grades, factors, factor_names))
+            add(name, level, feats)
     return rows
 
 
