@@ -5,7 +5,6 @@ real grades. The building tests (tiny 16 px judges) are in test_judges.py.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -64,11 +63,20 @@ def test_held_out_real_images_score_near_the_floor_and_every_disturbance_moves_f
 
 
 @pytest.mark.slow
-def test_the_shipped_judges_are_what_a_rebuild_gives(shipped: jm.Judges, tmp_path: Path, two_threads: None) -> None:
-    rebuilt = build_judges(DEFAULT, tmp_path / "judges", progress=False)
-    files = json.loads((rebuilt / "judges.json").read_text())["files"]
-    for name in ("encoder.safetensors", "reference.safetensors", "reference.zip"):
-        assert files[name] == shipped.meta["files"][name], name
+def test_a_rebuild_from_todays_code_validates_as_the_shipped_judges_do(
+    shipped: jm.Judges, tmp_path: Path, two_threads: None
+) -> None:
+    """The shipped judges are the fixed instrument every recorded score was measured with, so they are kept when
+    preprocessing changes (a rebuild is byte-identical only with the code that built them: test_judges.py builds
+    twice). A rebuild from today's code must still be the same kind of judge: its own validation within a few
+    per cent of the shipped one's (after the FOV refinement of 2026-12-07: fd half vs half 0.575 against 0.599,
+    grade accuracy 0.564 against 0.580, referable 0.987 against 0.985)."""
+    rebuilt = jm.load_judges(build_judges(DEFAULT, tmp_path / "judges", progress=False))
+    new, old = rebuilt.meta["validation"], shipped.meta["validation"]
+    assert new["fd_half_vs_half"] == pytest.approx(old["fd_half_vs_half"], rel=0.25)
+    assert new["grade_accuracy"] == pytest.approx(old["grade_accuracy"], abs=0.05)
+    assert new["referable_accuracy"] == pytest.approx(old["referable_accuracy"], abs=0.01)
+    assert rebuilt.ref_features.shape == shipped.ref_features.shape
 
 
 def test_disturbances_are_deterministic_and_keep_shapes(held_out: tuple[np.ndarray, np.ndarray, Any, list[str]]) -> None:
