@@ -77,18 +77,30 @@ TINY_JUDGES = {"resolution": 16, "n_train": 160, "n_reference": 96, "epochs": 1,
 
 @pytest.fixture(scope="session")
 def tiny_judges_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The judges of the TINY_JUDGES spec, built once per session (read-only: copy before changing a file)."""
+    """The judges of the TINY_JUDGES spec, built once per test run (read-only: copy before changing a file).
+
+    Under pytest-xdist the first worker to ask builds them in the run's shared temporary folder and the others
+    wait for it on a file lock (the build is deterministic, so which worker builds does not matter)."""
+    import fcntl
+
     import torch
 
     from retinagen.metrics.judges import JudgeSpec, build_judges
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)  # the build is deterministic for a given thread count; tests rebuild with 2
-    try:
-        return build_judges(JudgeSpec(**TINY_JUDGES), tmp_path_factory.mktemp("tiny_judges") / "judges",
-                            progress=False)
-    finally:
-        torch.set_num_threads(before)
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # this run's folder, shared by its workers (pytest-NNN/popen-gwK -> pytest-NNN)
+    target = root / "tiny_judges" / "judges"
+    with open(root / "tiny_judges.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "judges.json").is_file():
+            return target
+        before = torch.get_num_threads()
+        torch.set_num_threads(2)  # the build is deterministic for a given thread count; tests rebuild with 2
+        try:
+            return build_judges(JudgeSpec(**TINY_JUDGES), target, progress=False)
+        finally:
+            torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
