@@ -124,24 +124,25 @@ def _robust_circle(
     return cx, cy, r, inliers
 
 
+Frame = tuple[int, int, int, int]  # (x0, y0, x1, y1): the first and last columns and rows inside the frame
+_THETA = np.linspace(0.0, 2.0 * math.pi, 360, endpoint=False)
+_RAYS = np.column_stack([np.cos(_THETA), np.sin(_THETA)])  # [360, 2]: the refinement's ray directions
+
+
 def _radial_profiles(
-    bright: np.ndarray, cx: float, cy: float, rho: np.ndarray, frame: tuple[int, int, int, int]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Brightness along 360 rays from (cx, cy), sampled at radii `rho`: (directions [360, 2],
-    profiles [360, len(rho)], n_in [360]), n_in the number of a ray's leading samples inside the
-    frame (x0, y0, x1, y1) (a ray leaving a rectangle never re-enters it)."""
+    bright: np.ndarray, cx: float, cy: float, rho: np.ndarray, frame: Frame
+) -> tuple[np.ndarray, np.ndarray]:
+    """Brightness along the rays `_RAYS` from (cx, cy), sampled at radii `rho`: (profiles [360,
+    len(rho)], n_in [360]), n_in the number of a ray's leading samples inside the frame (a ray
+    leaving a rectangle never re-enters it)."""
     x0, y0, x1, y1 = frame
-    theta = np.linspace(0.0, 2.0 * math.pi, 360, endpoint=False)
-    c, s = np.cos(theta), np.sin(theta)
+    c, s = _RAYS[:, 0], _RAYS[:, 1]
     mx = (cx + c[:, None] * rho[None, :]).astype(np.float32)
     my = (cy + s[:, None] * rho[None, :]).astype(np.float32)
     prof = cv2.remap(bright, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE).astype(np.float64)
     inside = (mx >= x0 + 1) & (mx <= x1 - 1) & (my >= y0 + 1) & (my <= y1 - 1)
     n_in = np.where(inside.all(axis=1), rho.size, np.argmin(inside, axis=1))
-    return np.column_stack([c, s]), prof, n_in
-
-
-Frame = tuple[int, int, int, int]  # (x0, y0, x1, y1): the first and last columns and rows inside the frame
+    return prof, n_in
 
 
 def _steepest_edges(
@@ -157,7 +158,7 @@ def _steepest_edges(
     cx, cy, r = circle
     step = 0.25
     rho = np.arange(0.85 * r, 1.15 * r + 4.0 * u, step)
-    _, prof, n_in = _radial_profiles(bright, cx, cy, rho, frame)
+    prof, n_in = _radial_profiles(bright, cx, cy, rho, frame)
     rows = np.arange(len(prof))
     grad = np.gradient(prof, axis=1)
     k = round(3.0 * u / step)
@@ -183,7 +184,7 @@ def _steepest_edges(
 
 
 def _mass_edges(
-    bright: np.ndarray, cx: float, cy: float, r: float, low: float, frame: tuple[int, int, int, int], u: float
+    bright: np.ndarray, cx: float, cy: float, r: float, low: float, frame: Frame, u: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each ray's edge near radius r, placed by the brightness the rim carries above the surround:
     (edge radii [360], rim contrast [360], ok [360]).
@@ -200,7 +201,7 @@ def _mass_edges(
     fa, fb, sb = _MASS_SPAN
     s0, s1 = _SURROUND_SPAN
     rho = np.arange(r - fa * u, r + max(sb, s1) * u, step)
-    _, prof, n_in = _radial_profiles(bright, cx, cy, rho, frame)
+    prof, n_in = _radial_profiles(bright, cx, cy, rho, frame)
     rows = np.arange(len(prof))
     ja, jr, jb = (round(v * u / step) for v in (fa - fb, fa, fa + sb))
     j_all = np.arange(rho.size)[None, :]
@@ -229,7 +230,7 @@ def _refine_circle(
     r: float,
     low: float,
     level: float,
-    frame: tuple[int, int, int, int],
+    frame: Frame,
     u: float,
 ) -> tuple[float, float, float] | None:
     """Move the circle onto the FOV's actual edge, found along radial rays.
@@ -252,8 +253,7 @@ def _refine_circle(
     edge are skipped. Returns None if too few rays agree or the circle would move implausibly far.
     """
     cur = (cx, cy, r + 0.5)
-    theta = np.linspace(0.0, 2.0 * math.pi, 360, endpoint=False)
-    dirs = np.column_stack([np.cos(theta), np.sin(theta)])
+    dirs = _RAYS
     steep0, contrast0, ok0 = _steepest_edges(bright, cur, low, level, frame, u)
     strong0 = ok0 & (contrast0 >= _STRONG_EDGE)
     pts0 = np.array(cur[:2]) + dirs * steep0[:, None]
@@ -395,7 +395,7 @@ def _free_points(pts: np.ndarray, frame: list[int], hs: int, ws: int) -> np.ndar
 
 def _round_region(
     u8: np.ndarray, thr: float, black: float, tol: float
-) -> tuple[float, float, float, float, tuple[int, int, int, int]]:
+) -> tuple[float, float, float, float, Frame]:
     """The round FOV in the small brightness image `u8` thresholded at `thr`; `black` is the
     image's darkest class level (the surround's, if there is a fundus); `tol`: as in `_band_frame`.
 
