@@ -46,6 +46,8 @@ _EDGE_SIGMA = (0.35, 1.5)  # native px: the error of a bright ray's edge point, 
 _EDGE_MAX_FRAC = 0.03  # refined circle: inlier residuals below this share of the radius
 _MASS_SPAN = (6.0, 2.0, 5.0)  # native px: rim line from r - 6 to r - 2, rim mass from r - 2 to r + 5
 _SURROUND_SPAN = (3.0, 8.0)  # native px outside r where the surround's level is measured
+_SOFT_SIGMA = 8.0  # small px: the last-resort smoothing for an outline broken by JPEG noise
+_MIN_SHARP_COVERAGE = 0.9  # ... and the share of its disc's inner 90 % that must be bright without it
 _MAX_DESCENTS = 2  # extra Otsu splits of the darker class tried when the first gives no round FOV
 
 
@@ -488,6 +490,16 @@ def _round_region(
     return cx, cy, r, coverage, (x0, y0, x1, y1)
 
 
+def _check_sharp_coverage(u8: np.ndarray, thr: float, cx: float, cy: float, r: float, frame: Frame) -> None:
+    """Refuse a disc found on the smoothed copy unless `u8` is above `thr` over most of its inner 90 %."""
+    x0, y0, x1, y1 = frame
+    yy, xx = np.mgrid[y0 : y1 + 1, x0 : x1 + 1]
+    inner = (xx - cx) ** 2 + (yy - cy) ** 2 <= (0.9 * r) ** 2
+    sharp = float((u8[y0 : y1 + 1, x0 : x1 + 1][inner] > thr).mean()) if inner.any() else 0.0
+    if sharp < _MIN_SHARP_COVERAGE:
+        raise _no_fundus(f"the bright region fills only {100 * sharp:.0f}% of its fitted circle")
+
+
 def detect_fov(img: np.ndarray) -> FOV:
     """Find the circular field of view of a fundus photograph.
 
@@ -505,7 +517,8 @@ def detect_fov(img: np.ndarray) -> FOV:
     edge; sanity checks (the reasons in NoFundusError); finally the circle is moved onto the
     steepest radial brightness drop, the FOV's true edge, which vignetting and exposure do not
     shift. If the checks fail, Otsu is run again on the darker class (a frame that cuts away most
-    of the surround leaves too little of it for one Otsu split) and the checks are repeated.
+    of the surround leaves too little of it for one Otsu split) and the checks are repeated; failing
+    that, all of it once more on a more heavily smoothed copy (a dark rim under coarse JPEG).
 
     Raises NoFundusError (a BadInputError) when there is no fundus: black, uniform, too small or
     strip-shaped (sides more than 4:1) images, no dark surround, or a bright region that is not a
@@ -565,7 +578,18 @@ def detect_fov(img: np.ndarray) -> FOV:
         candidates.append((corner, high, corner + _THRESHOLD_FRACTION * (high - corner)))
     black = min(corner, *(low for low, _ in levels))
     first_error: NoFundusError | None = None
-    for low, high, thr in candidates:
+
+    def tries():  # (candidate, the brightness it thresholds)
+        yield from ((c, u8) for c in candidates)
+        # Last of all, the same candidates on a more heavily smoothed copy: a dark rim under coarse
+        # JPEG (quality 30 at 128 px) breaks the outline up at every threshold, and smoothing makes
+        # it round again. It also rounds off a block of bright text, so the disc it gives must be
+        # bright in `u8` too (`_check_sharp_coverage`).
+        soft = cv2.GaussianBlur(bright_n, (0, 0), sigmaX=_SOFT_SIGMA)
+        u8_soft = np.clip(soft * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        yield from ((c, u8_soft) for c in candidates)
+
+    for (low, high, thr), img8 in tries():
         if high - low < _MIN_REL_CONTRAST * high:
             if first_error is None:
                 first_error = _no_fundus(
@@ -573,7 +597,9 @@ def detect_fov(img: np.ndarray) -> FOV:
                 )
             continue
         try:
-            cx, cy, r, coverage, frame = _round_region(u8, thr, black, _EDGE_TOLERANCE * max(1.0, 1.0 / f))
+            cx, cy, r, coverage, frame = _round_region(img8, thr, black, _EDGE_TOLERANCE * max(1.0, 1.0 / f))
+            if img8 is not u8:
+                _check_sharp_coverage(u8, thr, cx, cy, r, frame)
         except NoFundusError as exc:
             first_error = first_error or exc
             continue

@@ -282,11 +282,12 @@ def _summary(rows: list[tuple[Case, tuple[float, float] | str]]) -> str:
 
 # The cases of the default grid the detector does not yet handle to 2 %, each named (strict: one that starts
 # passing fails the run until it is taken off). All are underexposed (gamma 1.4), dark and JPEG-noisy (quality
-# 30, surround noise up to 16/255), all but one at 128 px, where the 2 % bar is 1-1.3 px: the synthetic fundus's
-# vignetted rim falls over ~6 px to 2-3 grey levels above the surround's noise, and the circle is placed
-# 1.5-3 px inside it (radius 3-5 % small), or the dim rim breaks the outline ("not circular"). None is a wrong
-# object. 35 of these 313 cases failed before the refinement placed dim rays' edges by the brightness the rim
-# carries (`retinagen.data.fov._mass_edges`) beside the bright rays' steepest drops; 21 fail now.
+# 30, surround noise up to 16/255) at 128 px, where the 2 % bar is 1-1.3 px: JPEG's 8x8 blocks at quality 30
+# lift the surround next to the rim to 7-8 grey levels against a rim of 10-15, so the drop is spread over
+# ~6 px, and the circle is placed 1.5-3 px inside it (radius 3-6 % small). Every one is accepted, and none is a
+# wrong object. 35 of these 313 cases failed before the refinement placed dim rays' edges by the brightness
+# the rim carries (`retinagen.data.fov._mass_edges`) beside the bright rays' steepest drops, 21 before the
+# smoothed last-resort outline (`fov._SOFT_SIGMA`) accepted the 4 that were refused; 17 fail now.
 KNOWN_FAILURES = frozenset({
     "synth128-r0.40-tb0.00-lr0.00-band-g1.4-dark-jpeg",
     "synth128-r0.40-tb0.00-lr0.00-crop-g1.4-dark-jpeg",
@@ -301,14 +302,10 @@ KNOWN_FAILURES = frozenset({
     "synth128-r0.50-tb0.00-lr0.00-band-g1.4-dark-jpeg",
     "synth128-r0.50-tb0.00-lr0.00-crop-g1.4-dark-jpeg",
     "synth128-r0.50-tb0.00-lr0.30-band-g1.4-dark-jpeg",
-    "synth128-r0.50-tb0.00-lr0.30-crop-g1.4-dark-jpeg",
-    "synth128-r0.50-tb0.10-lr0.10-band-g1.4-dark-jpeg",
-    "synth128-r0.50-tb0.10-lr0.10-crop-g1.4-dark-jpeg",
     "synth128-r0.50-tb0.20-lr0.00-band-g1.4-dark-jpeg",
     "synth128-r0.50-tb0.30-lr0.00-band-g1.4-dark-glare-jpeg",
     "synth128-r0.50-tb0.30-lr0.00-crop-g1.4-dark-glare-jpeg",
     "synth128-r0.50-tb0.30-lr0.00-crop-g1.4-dark-jpeg",
-    "synth512-r0.50-tb0.30-lr0.00-band-g1.4-dark-jpeg",
 })
 
 
