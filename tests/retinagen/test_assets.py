@@ -68,3 +68,47 @@ def test_the_shipped_model_in_the_package_works() -> None:
     imgs, _ = generate_images(model, 2, seed=0, grade=2)
     assert imgs.shape[1:] == (32, 32, 3)
     assert load_scorer_model(load_scorer(run / "anomaly" / "scorer")).sha256 == model.sha256
+
+
+def test_the_recipe_command_rebuilds_the_runs_config(smoke_run: Path) -> None:
+    import json
+    import shlex
+
+    from retinagen.assets.make_shipped import train_command
+    from retinagen.config import parse_overrides
+
+    stored = json.loads((smoke_run / "config.json").read_text())
+    stored["augment"]["mode"], stored["model"]["grow_from"] = "ada", 4  # settings the cpu preset lacks
+    stored["train"]["max_minutes"] = None
+    args = shlex.split(train_command(stored, "x"))
+    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    assert "--set augment.mode=ada" in train_command(stored, "x")
+    rebuilt = load_run_config("synthfundus", preset="cpu", overrides={
+        **parse_overrides(sets), "train": {**parse_overrides(sets).get("train", {}),
+                                           "kimg": float(args[args.index("--kimg") + 1]), "max_minutes": None}})
+    got, want = rebuilt.model_dump(mode="json"), dict(stored)
+    got["data"].pop("path"), want["data"].pop("path")
+    assert got == want
+
+
+def test_make_shipped_picks_the_best_or_a_named_checkpoint(smoke_run: Path, tmp_path: Path) -> None:
+    from retinagen.assets.make_shipped import pick_checkpoint
+    from retinagen.run_dir import RunDir
+    from retinagen.training.checkpoint import copy_checkpoint, list_checkpoints
+
+    run = Path(shutil.copytree(smoke_run, tmp_path / "run"))
+    src = RunDir(run)
+    for old in src.checkpoints.glob("best-*"):
+        old.unlink()
+    first, newest = list_checkpoints(src.checkpoints)[0], latest_valid_checkpoint(src.checkpoints)
+    assert pick_checkpoint(src) == newest
+    assert pick_checkpoint(src, first.stem) == first
+    with pytest.raises(RetinagenError, match="no complete best snapshot"):
+        pick_checkpoint(src, "best")
+    best = copy_checkpoint(first, src.checkpoints / "best-000001", {"quality": {"fd_fundus": 1.0}})
+    assert pick_checkpoint(src, "best") == best
+    best.with_suffix(".safetensors").write_bytes(b"truncated")
+    with pytest.raises(RetinagenError, match="no complete best snapshot"):
+        pick_checkpoint(src, "best")
+    with pytest.raises(RetinagenError, match="no complete checkpoint named 'ckpt-999999'"):
+        pick_checkpoint(src, "ckpt-999999")
