@@ -1,6 +1,6 @@
 """Build the shipped model folder from a finished run: ``python -m retinagen.assets.make_shipped --run RUN``.
 
-What goes in (everything data only, about 17 MB from a 32 px run, 24 MB from a 64 px one):
+What goes in (everything data only; RECIPE.md records its size):
     checkpoints/<name>.safetensors + .json        G_ema and D (with Q) of the run's newest checkpoint (or
                                                   its best snapshot, or a named one: ``--checkpoint``); the
                                                   training-only tensors (G, optimizer moments, RNG) are
