@@ -114,7 +114,9 @@ def make_shipped(run: Path, out: Path, *, discover_n: int = 48, checkpoint: str 
             ("schema_version", "tensors_file", "tensors_sha256", "created", "torch_version")}
     meta["inference_only"] = True
     meta["source_checkpoint_sha256"] = ck.meta.get("tensors_sha256")
-    save_checkpoint(dst.checkpoints / Path(ck_json).stem, tensors, meta)
+    # Named ckpt-<step> whichever checkpoint it came from (a best-<step> snapshot too): the loaders look for those.
+    name = f"ckpt-{int(ck.meta.get('step', 0)):06d}"
+    save_checkpoint(dst.checkpoints / name, tensors, meta)
 
     _copy(src.config, dst.config)
     _copy(src.metrics, dst.metrics)
@@ -137,7 +139,7 @@ def make_shipped(run: Path, out: Path, *, discover_n: int = 48, checkpoint: str 
     json_path = scorer.save(tmp / "anomaly" / "scorer")
     # Record the checkpoint relative to the scorer, so the folder works wherever it is installed.
     sj = json.loads(json_path.read_text(encoding="utf-8"))
-    sj["checkpoint_path"] = f"../checkpoints/{Path(ck_json).stem}.safetensors"
+    sj["checkpoint_path"] = f"../checkpoints/{name}.safetensors"
     atomic_write_text(json_path, json.dumps(sj, indent=2) + "\n")
     t_scorer = time.perf_counter() - t0
 
