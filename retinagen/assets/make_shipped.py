@@ -34,7 +34,12 @@ from retinagen.config import load_run_config
 from retinagen.errors import RetinagenError
 from retinagen.fileio import atomic_write_text
 from retinagen.run_dir import RunDir
-from retinagen.training.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from retinagen.training.checkpoint import (
+    checkpoint_stem,
+    latest_valid_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from retinagen.training.snapshots import BEST_PREFIX
 
 KEEP_PREFIXES = ("G_ema.", "D.")
@@ -115,7 +120,7 @@ def make_shipped(run: Path, out: Path, *, discover_n: int = 48, checkpoint: str 
     meta["inference_only"] = True
     meta["source_checkpoint_sha256"] = ck.meta.get("tensors_sha256")
     # Named ckpt-<step> whichever checkpoint it came from (a best-<step> snapshot too): the loaders look for those.
-    name = f"ckpt-{int(ck.meta.get('step', 0)):06d}"
+    name = checkpoint_stem(ck.meta["step"])
     save_checkpoint(dst.checkpoints / name, tensors, meta)
 
     _copy(src.config, dst.config)

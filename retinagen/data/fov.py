@@ -396,10 +396,12 @@ def _free_points(pts: np.ndarray, frame: list[int], hs: int, ws: int) -> np.ndar
 
 
 def _round_region(
-    u8: np.ndarray, thr: float, black: float, tol: float
+    u8: np.ndarray, thr: float, black: float, tol: float, sharp: np.ndarray | None = None
 ) -> tuple[float, float, float, float, Frame]:
     """The round FOV in the small brightness image `u8` thresholded at `thr`; `black` is the
-    image's darkest class level (the surround's, if there is a fundus); `tol`: as in `_band_frame`.
+    image's darkest class level (the surround's, if there is a fundus); `tol`: as in `_band_frame`;
+    `sharp`: if `u8` is a smoothed copy, the unsmoothed brightness, which must also be above `thr`
+    over `_MIN_SHARP_COVERAGE` of the disc's inner 90 %.
 
     Returns (cx, cy, r, coverage, frame) in small-image pixels, frame = (x0, y0, x1, y1) as in
     `_band_frame`. Raises NoFundusError (with the reason) if the bright region is not a FOV.
@@ -487,17 +489,12 @@ def _round_region(
                 "the round bright region is not surrounded by black (outside it "
                 f"{100 * (outside - black) / max(1.0, inside - black):.0f}% as bright as inside)"
             )
+    if sharp is not None:
+        inner = d2[y0 : y1 + 1, x0 : x1 + 1] <= (0.9 * r) ** 2
+        share = float((sharp[y0 : y1 + 1, x0 : x1 + 1][inner] > thr).mean()) if inner.any() else 0.0
+        if share < _MIN_SHARP_COVERAGE:
+            raise _no_fundus(f"the bright region fills only {100 * share:.0f}% of its fitted circle")
     return cx, cy, r, coverage, (x0, y0, x1, y1)
-
-
-def _check_sharp_coverage(u8: np.ndarray, thr: float, cx: float, cy: float, r: float, frame: Frame) -> None:
-    """Refuse a disc found on the smoothed copy unless `u8` is above `thr` over most of its inner 90 %."""
-    x0, y0, x1, y1 = frame
-    yy, xx = np.mgrid[y0 : y1 + 1, x0 : x1 + 1]
-    inner = (xx - cx) ** 2 + (yy - cy) ** 2 <= (0.9 * r) ** 2
-    sharp = float((u8[y0 : y1 + 1, x0 : x1 + 1][inner] > thr).mean()) if inner.any() else 0.0
-    if sharp < _MIN_SHARP_COVERAGE:
-        raise _no_fundus(f"the bright region fills only {100 * sharp:.0f}% of its fitted circle")
 
 
 def detect_fov(img: np.ndarray) -> FOV:
@@ -584,7 +581,7 @@ def detect_fov(img: np.ndarray) -> FOV:
         # Last of all, the same candidates on a more heavily smoothed copy: a dark rim under coarse
         # JPEG (quality 30 at 128 px) breaks the outline up at every threshold, and smoothing makes
         # it round again. It also rounds off a block of bright text, so the disc it gives must be
-        # bright in `u8` too (`_check_sharp_coverage`).
+        # bright in `u8` too (`_round_region`'s `sharp`).
         soft = cv2.GaussianBlur(bright_n, (0, 0), sigmaX=_SOFT_SIGMA)
         u8_soft = np.clip(soft * 255.0 + 0.5, 0, 255).astype(np.uint8)
         yield from ((c, u8_soft) for c in candidates)
@@ -597,9 +594,9 @@ def detect_fov(img: np.ndarray) -> FOV:
                 )
             continue
         try:
-            cx, cy, r, coverage, frame = _round_region(img8, thr, black, _EDGE_TOLERANCE * max(1.0, 1.0 / f))
-            if img8 is not u8:
-                _check_sharp_coverage(u8, thr, cx, cy, r, frame)
+            cx, cy, r, coverage, frame = _round_region(
+                img8, thr, black, _EDGE_TOLERANCE * max(1.0, 1.0 / f), sharp=None if img8 is u8 else u8
+            )
         except NoFundusError as exc:
             first_error = first_error or exc
             continue

@@ -148,6 +148,11 @@ def load_checkpoint(path: str | Path, *, verify_hash: bool = True) -> Checkpoint
     return Checkpoint(tensors=art.tensors, meta=art.meta)
 
 
+def checkpoint_stem(step: int, prefix: str = "ckpt-") -> str:
+    """A checkpoint's file stem, ``ckpt-002500`` (``list_checkpoints`` finds those), or ``best-002500``."""
+    return f"{prefix}{int(step):06d}"
+
+
 def list_checkpoints(folder: str | Path) -> list[Path]:
     """Complete checkpoints (JSON present) in ``folder``, oldest first, as JSON paths."""
     folder = Path(folder)

@@ -44,6 +44,7 @@ from retinagen.run_dir import RunDir
 from retinagen.training import losses
 from retinagen.training.augment import AugmentPipe
 from retinagen.training.checkpoint import (
+    checkpoint_stem,
     config_mismatch,
     flatten_optimizer,
     latest_valid_checkpoint,
@@ -356,7 +357,7 @@ class Trainer:
         meta = self.meta()
         meta.update(opt_meta)
         ck_dir = RunDir(self.run_dir).checkpoints
-        path = save_checkpoint(ck_dir / f"ckpt-{self.step:06d}", tensors, meta)
+        path = save_checkpoint(ck_dir / checkpoint_stem(self.step), tensors, meta)
         # Keep the newest snapshots only; never delete the one just written.
         keep = self.cfg.train.keep_checkpoints
         for old in list_checkpoints(ck_dir)[:-keep]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from retinagen.errors import RetinagenError
 from retinagen.run_dir import read_log, step_of
-from retinagen.training.checkpoint import copy_checkpoint
+from retinagen.training.checkpoint import checkpoint_stem, copy_checkpoint
 
 SnapshotScore = Callable[[Path, Path], dict[str, Any]]
 BEST_PREFIX = "best-"  # checkpoints/best-<step>.{json,safetensors}: the lowest fd_fundus of the run so far
@@ -58,7 +58,7 @@ def score_snapshot(score: SnapshotScore, ck: Path, data_zip: Path, metrics_path:
                     writer.add_scalar(k, v, step)
     if is_best:
         folder = ck.parent
-        new = copy_checkpoint(ck, folder / f"{BEST_PREFIX}{step:06d}", {"quality": row})
+        new = copy_checkpoint(ck, folder / checkpoint_stem(step, BEST_PREFIX), {"quality": row})
         for old in folder.glob(f"{BEST_PREFIX}*.json"):
             if old != new:
                 old.unlink(missing_ok=True)

@@ -83,9 +83,9 @@ def test_the_recipe_command_rebuilds_the_runs_config(smoke_run: Path) -> None:
     args = shlex.split(train_command(stored, "x"))
     sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
     assert "--set augment.mode=ada" in train_command(stored, "x")
-    rebuilt = load_run_config("synthfundus", preset="cpu", overrides={
-        **parse_overrides(sets), "train": {**parse_overrides(sets).get("train", {}),
-                                           "kimg": float(args[args.index("--kimg") + 1]), "max_minutes": None}})
+    overrides = parse_overrides(sets)
+    overrides.setdefault("train", {}).update(kimg=float(args[args.index("--kimg") + 1]), max_minutes=None)
+    rebuilt = load_run_config("synthfundus", preset="cpu", overrides=overrides)
     got, want = rebuilt.model_dump(mode="json"), dict(stored)
     got["data"].pop("path"), want["data"].pop("path")
     assert got == want
