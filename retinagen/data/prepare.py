@@ -50,7 +50,6 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
-import os
 import signal
 import time
 import zipfile
@@ -67,6 +66,7 @@ import numpy as np
 
 from retinagen import __version__
 from retinagen.checks import Count, check, int_in
+from retinagen.data import default_workers
 from retinagen.data.imageio import DEFAULT_MAX_PIXELS, decode_image
 from retinagen.data.sources import SPLIT_NAMES, Record, Rejected, SourceScan, scan_source
 from retinagen.errors import BadInputError, RetinagenError
@@ -431,7 +431,7 @@ def _check_args(
         raise RetinagenError(f"--out {out} is a folder; give a .zip file name")
     check(Count, max_pixels, "max_pixels", RetinagenError)
     if workers is None:
-        return max(1, min(2, os.cpu_count() or 1))
+        return default_workers()
     return check(Count, workers, "--workers", RetinagenError)
 
 
@@ -487,7 +487,8 @@ def prepare_dataset(
         out: the ZIP to write (``.zip``); the report goes to `report_path_for(out)`.
         labels: labels CSV (``image,label``) for folder/dicom; replaces the default CSV of eyepacs/aptos.
         ben_graham: apply Ben Graham local-contrast normalisation to fundus images.
-        workers: processes; None -> min(2, CPU count), or this process alone for < 100 images;
+        workers: processes; None -> ``default_workers()`` (2 at most, 1 under ``OMP_NUM_THREADS=1``), or this
+            process alone for < 100 images;
             1 -> everything in this process.
         split_seed: seed of the patient-level train/val/test split.
         split_fractions: (train, val, test), summing to 1.

@@ -62,6 +62,7 @@ import cv2
 import numpy as np
 
 from retinagen.checks import Count, Seed, check
+from retinagen.data import default_workers
 from retinagen.data.synth_factors import (
     DEFAULT_GRADE_PROBS,
     FACTOR_RANGES,
@@ -210,7 +211,7 @@ def write_synth_dataset(
         resolution: image width (and height of uncut photographs), 16-1024.
         seed: non-negative integer.
         grade_probs: probabilities of DR grades 0-4 (5 non-negative numbers summing to 1).
-        workers: processes rendering in parallel; None -> min(2, cpu count), or this process alone for a set
+        workers: processes rendering in parallel; None -> ``default_workers()``, or this process alone for a set
             small enough to render in about a second (n * resolution**2 < 2**20 pixels); 1 -> in this process.
         progress: show a progress bar on stderr.
     """
@@ -220,7 +221,7 @@ def write_synth_dataset(
     probs = check_grade_probs(grade_probs)
     if workers is None:
         # Starting a worker process costs about a second; a small set renders faster than that here.
-        workers = 1 if n * res * res < _MIN_PIXELS_FOR_PROCESSES else min(2, os.cpu_count() or 1)
+        workers = 1 if n * res * res < _MIN_PIXELS_FOR_PROCESSES else default_workers()
     workers = check(Count, workers, "workers (or None)", SynthArgumentError)
     out = Path(out)
     _check_out(out)

@@ -676,3 +676,22 @@ def test_ben_graham_option(tmp_path: Path) -> None:
     (faces / "list_attr_celeba.txt").write_text("1\nSmiling\n1.jpg 1\n")
     with pytest.raises(RetinagenError, match="fundus images only"):
         prepare_dataset("celeba", faces, RES, tmp_path / "c.zip", ben_graham=True, progress=False)
+
+
+@pytest.mark.parametrize(("omp", "cpus", "expected"), [(None, 8, 2), (None, 1, 1), ("1", 8, 1), ("2", 8, 2),
+                                                       ("4", 3, 2), ("", 8, 2), ("0", 8, 2), ("x", 8, 2)])
+def test_default_workers_follow_the_cpus_and_the_thread_budget(
+    monkeypatch: pytest.MonkeyPatch, omp: str | None, cpus: int, expected: int
+) -> None:
+    """Left to us (``workers=None``), prepare and synth start at most 2 processes, and one where the process was
+    given one thread (a shared machine, a test worker): a second process would only queue for the same core."""
+    import os
+
+    from retinagen.data import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    assert default_workers() == expected

@@ -5,6 +5,7 @@ are validated like FID in test_judges_validation.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import zipfile
@@ -108,12 +109,17 @@ def test_a_judges_json_that_is_not_one_is_refused(tiny_dir: Path, tmp_path: Path
 def test_an_interrupted_build_leaves_nothing_that_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import retinagen.metrics.encoder as enc
 
+    seen: list[Path] = []
+
     def boom(*a: Any, **k: Any) -> None:
+        seen.extend(p for p in tmp_path.rglob("*") if p.is_file())  # both sets rendered and prepared by now
         raise KeyboardInterrupt
 
     monkeypatch.setattr(enc, "train_fundus_encoder", boom)
+    small = dataclasses.replace(TINY, n_train=24, n_reference=16)  # what is cleaned up does not depend on sizes
     with pytest.raises(KeyboardInterrupt):
-        get_judges(TINY, tmp_path, progress=False)
+        get_judges(small, tmp_path, progress=False)
+    assert len([p for p in seen if p.suffix == ".zip"]) >= 2, seen
     assert list(tmp_path.iterdir()) == []
 
 
