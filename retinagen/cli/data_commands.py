@@ -37,7 +37,8 @@ def synth(
     grades: Annotated[
         GradeProbs | None, typer.Option(help="DR grade probabilities 0-4, comma separated (default EyePACS-like).")
     ] = None,
-    workers: Annotated[Count | None, typer.Option(help="Worker processes (default: up to 2).")] = None,
+    workers: Annotated[Count | None, typer.Option(
+        help="Worker processes (default: up to 2, 1 under OMP_NUM_THREADS=1).")] = None,
 ) -> None:
     """Write the built-in procedural fundus dataset with ground-truth factors."""
     parsed = parse_grades(grades)
@@ -60,7 +61,8 @@ def prepare(
     out: Annotated[OutputFile, typer.Option(help="Output ZIP (NVlabs dataset layout); a .report.json is written beside it.")],
     labels: Annotated[ReadableFile | None, typer.Option(help="Labels CSV (image,label) for --dataset folder/dicom.")] = None,
     ben_graham: Annotated[Switch, typer.Option(help="Apply Ben Graham local-contrast normalisation.")] = False,
-    workers: Annotated[Count | None, typer.Option(help="Worker processes (default: up to 2).")] = None,
+    workers: Annotated[Count | None, typer.Option(
+        help="Worker processes (default: up to 2, 1 under OMP_NUM_THREADS=1).")] = None,
     split_seed: Annotated[Seed, typer.Option(help="Seed of the patient-level train/val/test split.")] = 0,
 ) -> None:
     """Preprocess a raw dataset into a ZIP of PNGs + dataset.json, with a report of every rejected file."""

@@ -1,7 +1,7 @@
 """End to end: `streamlit run` on localhost, opened in headless Chromium through Playwright; a screenshot is saved.
 
 Needs Debian's ``chromium`` (/usr/bin/chromium) and the ``playwright`` Python package (its own browser download
-is not used). Marked ``browser``: left out of the default run, run by CI with ``pytest -m browser``.
+is not used). Marked ``browser``; part of the default run, skipped with its reason where Chromium is absent.
 """
 
 from __future__ import annotations
