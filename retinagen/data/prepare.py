@@ -488,8 +488,7 @@ def prepare_dataset(
         labels: labels CSV (``image,label``) for folder/dicom; replaces the default CSV of eyepacs/aptos.
         ben_graham: apply Ben Graham local-contrast normalisation to fundus images.
         workers: processes; None -> ``default_workers()`` (2 at most, 1 under ``OMP_NUM_THREADS=1``), or this
-            process alone for < 100 images;
-            1 -> everything in this process.
+            process alone for < 100 images; 1 -> everything in this process.
         split_seed: seed of the patient-level train/val/test split.
         split_fractions: (train, val, test), summing to 1.
         max_pixels: largest width x height of an input image (decompression-bomb guard).

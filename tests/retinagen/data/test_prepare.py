@@ -685,8 +685,6 @@ def test_default_workers_follow_the_cpus_and_the_thread_budget(
 ) -> None:
     """Left to us (``workers=None``), prepare and synth start at most 2 processes, and one where the process was
     given one thread (a shared machine, a test worker): a second process would only queue for the same core."""
-    import os
-
     from retinagen.data import default_workers
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
