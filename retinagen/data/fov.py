@@ -44,6 +44,7 @@ _STRONG_EDGE = 30.0 / 255  # rim contrast above which a ray's steepest drop is i
 _MIN_RIM = 2.0 / 255  # rim level above the surround below which a ray holds no edge
 _EDGE_SIGMA = (0.35, 1.5)  # native px: the error of a bright ray's edge point, and of a dim ray's
 _EDGE_MAX_FRAC = 0.03  # refined circle: inlier residuals below this share of the radius
+_RAY_STEP = 0.25  # small px between a ray's samples; 1/8 native px when an image is enlarged more than 2x
 _MASS_SPAN = (6.0, 2.0, 5.0)  # native px: rim line from r - 6 to r - 2, rim mass from r - 2 to r + 5
 _SURROUND_SPAN = (3.0, 8.0)  # native px outside r where the surround's level is measured
 _SOFT_SIGMA = 8.0  # small px: the last-resort smoothing for an outline broken by JPEG noise
@@ -158,7 +159,7 @@ def _steepest_edges(
     surround only there. contrast: the mean before the drop minus the minimum past it.
     """
     cx, cy, r = circle
-    step = 0.25
+    step = _RAY_STEP * max(1.0, u / 2.0)
     rho = np.arange(0.85 * r, 1.15 * r + 4.0 * u, step)
     prof, n_in = _radial_profiles(bright, cx, cy, rho, frame)
     rows = np.arange(len(prof))
@@ -197,9 +198,9 @@ def _mass_edges(
     (`u` small px each), divided by the rim's level (a line fitted from r - 6 to r - 2 px, never
     rising outwards, extrapolated), is how far the FOV extends past r - 2. The surround level is the
     trimmed mean (the sum is what the blocks keep, not the median) of the samples 3 to 8 px outside
-    r, or `low` if the frame keeps fewer than 100 of them.
+    r, or `low` if the frame keeps fewer than 100 of them (at 4 samples per native px).
     """
-    step = 0.25
+    step = _RAY_STEP * max(1.0, u / 2.0)
     fa, fb, sb = _MASS_SPAN
     s0, s1 = _SURROUND_SPAN
     rho = np.arange(r - fa * u, r + max(sb, s1) * u, step)
@@ -210,7 +211,7 @@ def _mass_edges(
     js0, js1 = round((fa + s0) * u / step), round((fa + s1) * u / step)
     outer = np.sort(prof[(j_all >= js0) & (j_all < np.minimum(n_in, js1)[:, None])])
     n = outer.size
-    surround = float(outer[n // 10 : n - n // 10].mean()) if n >= 100 * u else low
+    surround = float(outer[n // 10 : n - n // 10].mean()) if n * step >= 25.0 * u else low
     x = rho[:ja] - rho[ja]
     xc, pc = x - x.mean(), prof[:, :ja] - prof[:, :ja].mean(axis=1, keepdims=True)
     slope = (pc * xc).sum(axis=1) / (xc * xc).sum()
