@@ -132,6 +132,11 @@ _THETA = np.linspace(0.0, 2.0 * math.pi, 360, endpoint=False)
 _RAYS = np.column_stack([np.cos(_THETA), np.sin(_THETA)])  # [360, 2]: the refinement's ray directions
 
 
+def _ray_step(u: float) -> float:
+    """Small px between a ray's samples for an image of `u` small px per native px (`_RAY_STEP`)."""
+    return _RAY_STEP * max(1.0, u / 2.0)
+
+
 def _radial_profiles(
     bright: np.ndarray, cx: float, cy: float, rho: np.ndarray, frame: Frame
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -159,7 +164,7 @@ def _steepest_edges(
     surround only there. contrast: the mean before the drop minus the minimum past it.
     """
     cx, cy, r = circle
-    step = _RAY_STEP * max(1.0, u / 2.0)
+    step = _ray_step(u)
     rho = np.arange(0.85 * r, 1.15 * r + 4.0 * u, step)
     prof, n_in = _radial_profiles(bright, cx, cy, rho, frame)
     rows = np.arange(len(prof))
@@ -198,9 +203,9 @@ def _mass_edges(
     (`u` small px each), divided by the rim's level (a line fitted from r - 6 to r - 2 px, never
     rising outwards, extrapolated), is how far the FOV extends past r - 2. The surround level is the
     trimmed mean (the sum is what the blocks keep, not the median) of the samples 3 to 8 px outside
-    r, or `low` if the frame keeps fewer than 100 of them (at 4 samples per native px).
+    r, or `low` if the frame keeps less than 25 native px of ray for them (100 samples when u = 1).
     """
-    step = _RAY_STEP * max(1.0, u / 2.0)
+    step = _ray_step(u)
     fa, fb, sb = _MASS_SPAN
     s0, s1 = _SURROUND_SPAN
     rho = np.arange(r - fa * u, r + max(sb, s1) * u, step)
