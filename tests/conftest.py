@@ -53,6 +53,36 @@ def _share_the_cores() -> None:
     cv2.setNumThreads(int(threads))  # OpenCV's own thread pool ignores OMP_NUM_THREADS
 
 
+# The test files that take longest, longest first (per-file sums of `--durations=0` on a default run). Under
+# `--dist loadfile --no-loadscope-reorder` (pyproject's addopts) pytest-xdist hands out whole files in collection
+# order, the next one to whichever worker is nearly done, so starting with the longest keeps every worker busy to
+# the end instead of one finishing the DDP or browser file while the other waits. Files not named keep their
+# order after these. tests/test_suite_order.py checks that every name here is still a file.
+LONGEST_FIRST = (
+    "tests/retinagen/training/test_distributed.py",
+    "tests/apps/test_browser.py",
+    "tests/retinagen/metrics/test_judges_validation.py",
+    "tests/retinagen/training/test_loop.py",
+    "tests/apps/test_dashboard.py",
+    "tests/retinagen/data/test_fov_sweep.py",
+    "tests/retinagen/metrics/test_judges.py",
+    "tests/retinagen/training/test_compile.py",
+    "tests/benchmarks/test_train_throughput.py",
+    "tests/clinical/test_rebalance.py",
+    "tests/retinagen/test_fuzz.py",
+    "tests/retinagen/data/test_fundus.py",
+    "tests/retinagen/training/test_losses.py",
+    "tests/retinagen/test_faults.py",
+    "tests/retinagen/metrics/test_fid.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the files of LONGEST_FIRST first, in that order; a stable sort keeps every file's own test order."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     for home in _fake_home:
         shutil.rmtree(home, ignore_errors=True)
