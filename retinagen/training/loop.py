@@ -733,8 +733,8 @@ def train(
     # A resumed run whose budget is already spent ends at once (its last snapshot stands).
     budget_reached = budget_s is not None and trainer.train_seconds >= budget_s
     data_iter = iter(loader)
-    with _StopFlag() as flag, progress_bar(total_images, "train", unit="img", enabled=progress and d.main) as bar:
-        bar.advance(trainer.images_seen)
+    with _StopFlag() as flag, progress_bar(total_images, "train", unit="img", enabled=progress and d.main,
+                                                completed=trainer.images_seen) as bar:
         while trainer.images_seen < total_images and not budget_reached:
             if max_steps is not None and trainer.step >= max_steps:
                 stopped = True
