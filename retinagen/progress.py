@@ -3,7 +3,7 @@
 One helper so every long job (synth, prepare, train, evaluate, ...) looks the same. On a terminal it is a rich
 bar; when stderr is a file or a pipe (`nohup ... > log`, a batch scheduler's log) rich would draw nothing until
 the job ends, so the same figures are written as plain lines instead: at the start, every `LOG_INTERVAL_S`
-seconds, and at the end.
+seconds, and at the end. A Jupyter notebook keeps rich's live widget.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def progress_bar(total: float | None, description: str, unit: str = "img", enabl
         yield Bar(None, None)
         return
     console = Console(file=sys.stderr)
-    if not console.is_terminal:
+    if not console.is_terminal and not console.is_jupyter:  # a notebook keeps rich's live widget
         line = LineBar(total, description, unit, sys.stderr, completed=completed)
         try:
             yield line

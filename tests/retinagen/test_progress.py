@@ -98,3 +98,34 @@ def test_a_command_whose_stderr_is_a_file_logs_its_progress(tmp_path: Path) -> N
     assert "synth 32px: started, 6 img" in lines
     assert any(line.startswith("synth 32px: done, 6/6 img (100 %), ") for line in lines), lines
     assert not any("\x1b[" in line for line in lines)  # no terminal escape codes in a log
+
+
+def test_a_notebook_keeps_the_live_bar(log: tuple[io.StringIO, FakeClock], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Jupyter's output is not a terminal either, but rich draws a live widget there: no plain lines."""
+    import rich.console
+
+    stream, _ = log
+    made = []
+
+    class FakeProgress:  # stands in for rich's live display, which needs a notebook
+        def __init__(self, *columns: object, **kwargs: object) -> None:
+            made.append(self)
+
+        def __enter__(self) -> FakeProgress:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def add_task(self, description: str, total: float | None, completed: float) -> int:
+            return 0
+
+        def advance(self, task_id: int, n: float) -> None:
+            pass
+
+    monkeypatch.setattr(rich.console, "_is_jupyter", lambda: True)
+    monkeypatch.setattr(progress, "Progress", FakeProgress)
+    with contextlib.redirect_stderr(stream), progress.progress_bar(10, "synth 64px") as bar:
+        assert not isinstance(bar, progress.LineBar)
+        bar.advance(10)
+    assert len(made) == 1 and stream.getvalue() == ""
