@@ -47,6 +47,10 @@ class DataConfig(_Strict):
     # Built-in synthetic fundus data (used when dataset == synthfundus and path is None).
     synth_n: int = Field(2000, ge=16, le=1_000_000)
     synth_seed: int = Field(0, ge=0)
+    # How often each DR grade is shown in training, real images and fake grades alike: in proportion to
+    # count ** (1 - grade_balance). 0: the data's frequencies; 1: every grade equally often (rare grades'
+    # images repeated). Conditional models only; generation still draws grades by the data's frequencies.
+    grade_balance: float = Field(0.0, ge=0.0, le=1.0)
 
     @field_validator("synth_seed")
     @classmethod

@@ -68,16 +68,26 @@ class StreamSampler(torch.utils.data.Sampler[int]):
     The global stream is the concatenation of permutations ``perm(seed, epoch)``; every global batch
     of ``batch`` images is cut into ``world`` equal slices, and this process yields its slice. Given
     the number of global images already consumed it resumes exactly where a previous run stopped.
+
+    ``weights`` (one per image, summing to 1): each "epoch" is then n draws with replacement by those
+    weights instead of a permutation, seeded the same way, so a weighted stream resumes as exactly.
     """
 
-    def __init__(self, n: int, seed: int, batch: int, rank: int, world: int, start: int = 0) -> None:
+    def __init__(self, n: int, seed: int, batch: int, rank: int, world: int, start: int = 0,
+                 weights: np.ndarray | None = None) -> None:
         if n <= 0:
             raise RetinagenError("the training set is empty")
+        if weights is not None and weights.shape != (n,):
+            raise RetinagenError(f"the sampler has {n} images but {weights.shape} weights")
         self.n, self.seed, self.batch, self.rank, self.world, self.start = n, seed, batch, rank, world, start
         self.local = batch // world
+        self.weights = weights
 
     def _perm(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.weights is None:
+            return rng.permutation(self.n)
+        return rng.choice(self.n, size=self.n, replace=True, p=self.weights)
 
     def __iter__(self) -> Iterator[int]:
         pos = self.start
@@ -93,3 +103,22 @@ class StreamSampler(torch.utils.data.Sampler[int]):
 
     def __len__(self) -> int:  # pragma: no cover - endless; DataLoader only needs it for len()
         return 2**62
+
+
+def balanced_grade_probs(counts: np.ndarray, balance: float) -> np.ndarray:
+    """How often each grade is shown in training: proportional to count ** (1 - balance), so 0 keeps the
+    data's frequencies and 1 shows every grade present equally often. A grade with no images gets 0."""
+    counts = np.asarray(counts, dtype=np.float64)
+    w = np.where(counts > 0, np.power(np.maximum(counts, 1.0), 1.0 - balance), 0.0)
+    if w.sum() <= 0:
+        raise RetinagenError("no grade has any image")
+    return w / w.sum()
+
+
+def image_weights(labels: np.ndarray, grade_probs: np.ndarray) -> np.ndarray:
+    """Per-image sampling weights under which grade g is drawn with probability grade_probs[g]."""
+    labels = np.asarray(labels, dtype=np.int64)
+    counts = np.bincount(labels, minlength=len(grade_probs)).astype(np.float64)
+    per_image = np.divide(grade_probs, counts, out=np.zeros_like(grade_probs, dtype=np.float64), where=counts > 0)
+    w = per_image[labels]
+    return w / w.sum()

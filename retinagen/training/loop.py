@@ -57,7 +57,9 @@ from retinagen.training.distributed import (
     Dist,
     StreamSampler,
     allreduce_grads,
+    balanced_grade_probs,
     broadcast_module,
+    image_weights,
     init_distributed,
 )
 from retinagen.training.ema import ema_beta, update_ema
@@ -290,7 +292,11 @@ class Trainer:
         # Training wall time over all sessions of the run (restored on resume): what "same wall time" compares.
         self.train_seconds = 0.0
         self._clock: float | None = None  # perf_counter at the start of this session's training loop
+        # The data's grade frequencies (saved; generation draws grades by them) and the ones training shows
+        # (data.grade_balance), with the per-image weights the sampler draws real images by (None: uniform).
         self.grade_probs: torch.Tensor | None = None
+        self.train_grade_probs: torch.Tensor | None = None
+        self.image_weights: np.ndarray | None = None
         self.dataset_fingerprint: str | None = None
 
         a = cfg.augment
@@ -414,9 +420,10 @@ class Trainer:
         return sample, grade
 
     def _sample_grades(self, n: int) -> torch.Tensor | None:
-        if self.num_classes == 0 or self.grade_probs is None:
+        probs = self.grade_probs if self.train_grade_probs is None else self.train_grade_probs
+        if self.num_classes == 0 or probs is None:
             return None
-        return torch.multinomial(self.grade_probs, n, replacement=True, generator=self.gen).to(self.device)
+        return torch.multinomial(probs, n, replacement=True, generator=self.gen).to(self.device)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.amp_dtype is None:
@@ -617,6 +624,10 @@ def _open_training_data(trainer: Trainer, zip_path: Path) -> Any:
             raise RetinagenError(f"{zip_path}: label {labels.max()} >= model.num_classes {trainer.num_classes}")
         counts = np.bincount(labels, minlength=trainer.num_classes).astype(np.float64)
         trainer.grade_probs = torch.tensor(counts / counts.sum(), dtype=torch.float64)
+        shown = balanced_grade_probs(counts, cfg.data.grade_balance)
+        trainer.train_grade_probs = torch.tensor(shown, dtype=torch.float64)
+        if cfg.data.grade_balance > 0:
+            trainer.image_weights = image_weights(labels, shown)
     return dataset
 
 
@@ -642,7 +653,7 @@ def _loader(trainer: Trainer, dataset: Any) -> torch.utils.data.DataLoader:
     """This process's slice of every global batch, in the run's order from the images already shown."""
     cfg, d = trainer.cfg, trainer.d
     sampler = StreamSampler(len(dataset), cfg.train.seed, cfg.train.batch_size, d.rank, d.world,
-                            start=trainer.images_seen)
+                            start=trainer.images_seen, weights=trainer.image_weights)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=cfg.train.batch_size // d.world,
