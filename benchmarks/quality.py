@@ -5,8 +5,8 @@
     python benchmarks/quality.py runs/a --label "cpu, ADA" --record docs/ablations.md
 
 Each row: the label (default: the run folder's name), MSI, kimg, training wall time, fd_fundus, precision and
-recall (k = 3) against the judges' reference set, grade fidelity per requested grade and the referable
-agreement (grade-conditional models), Q's L_info of the discrete codes against H(C), MIG on the reference
+recall (k = 3) against the judges' reference set, grade fidelity per requested grade and per grade group
+(0-1, 2, 3-4: p summed over the group's grades >= 0.5) and the referable agreement (grade-conditional models), Q's L_info of the discrete codes against H(C), MIG on the reference
 set's ground-truth factors and ACM (%) of pigmentation / glare / field of view / brightness. The judges
 (`retinagen.metrics.judges`) are built once per resolution from synthetic data of a seed no training run uses
 and cached under ``--judges-dir``; their id is printed with the table, and only rows of one judge id compare.
@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import matmul_peak  # noqa: E402
 
+from retinagen.dr_scale import GRADE_GROUPS, group_name  # noqa: E402
 from retinagen.generation import load_model  # noqa: E402
 from retinagen.metrics.judges import JudgeSpec, default_judges_dir, get_judges  # noqa: E402
 from retinagen.metrics.quality import ACM_ATTRIBUTES, score_checkpoint  # noqa: E402
@@ -61,7 +62,9 @@ def _f(x: Any, digits: int = 2) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     grades = sorted({g for r in rows for g in r.get("fidelity", {})}, key=int)
     head = ["run", "MSI", "kimg", "train min", "fd_fundus", "precision", "recall"]
-    head += [f"fidelity g{g}" for g in grades] + (["referable agr."] if grades else [])
+    groups = [group_name(g) for g in GRADE_GROUPS if any(group_name(g) in r.get("group_fidelity", {}) for r in rows)]
+    head += [f"fidelity g{g}" for g in grades] + [f"group {g}" for g in groups]
+    head += ["referable agr."] if grades else []
     head += ["L_info / H(C)", "MIG"] + [f"ACM {ACM_SHORT[a]}" for a in ACM_ATTRIBUTES]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -69,6 +72,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         cells = [r["label"], r["msi"], _f(r.get("kimg"), 1), _f(secs / 60 if secs else None, 1)]
         cells += [_f(r["fd_fundus"], 1), _f(r["precision"], 3), _f(r["recall"], 3)]
         cells += [_f(r.get("fidelity", {}).get(g), 3) for g in grades]
+        cells += [_f(r.get("group_fidelity", {}).get(g), 3) for g in groups]
         if grades:
             cells.append(_f(r.get("referable_agreement"), 3))
         li = r.get("L_info_discrete")

@@ -57,6 +57,9 @@ def table(run: Path, label: str | None = None) -> str:
     minutes = scored[-1].get("quality/train_seconds", float("nan")) / 60.0
     head = "| kimg | fd_fundus | precision | recall | fidelity g0-g4 | referable agr. | L_info / H(C) |"
     sep = "|---|---|---|---|---|---|---|"
+    groups = any("quality/group_fidelity/3-4" in rec for rec in scored)  # logged since 2026-12-08
+    if groups:
+        head, sep = head + " groups 0-1 / 2 / 3-4 |", sep + "---|"
     z_share = any("quality/z_share" in rec for rec in scored)  # logged since 2026-12-07
     if z_share:
         head, sep = head + " z share |", sep + "---|"
@@ -76,6 +79,8 @@ def table(run: Path, label: str | None = None) -> str:
         line = (f"| {shown} | {_f(rec, 'quality/fd_fundus', '.1f')} | {_f(rec, 'quality/precision', '.3f')} | "
                 f"{_f(rec, 'quality/recall', '.3f')} | {fid} | {_f(rec, 'quality/referable_agreement', '.2f')} | "
                 f"{_f(rec, 'quality/L_info_discrete', '.2f')} / {_f(rec, 'quality/H_discrete', '.2f')} |")
+        if groups:
+            line += " " + " / ".join(_f(rec, f"quality/group_fidelity/{g}", ".2f") for g in ("0-1", "2", "3-4")) + " |"
         if z_share:
             line += f" {_f(rec, 'quality/z_share', '.2f')} |"
         if minutes_logged:

@@ -31,7 +31,8 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, float]], int]:
 LOSS_KEYS = ("loss/D", "loss/G")
 # Per-snapshot scores of the fixed judges (training's quality/* lines); fd_fundus apart (its own scale).
 QUALITY_FD_KEY = "quality/fd_fundus"
-QUALITY_SHARE_KEYS = ("quality/precision", "quality/recall", "quality/referable_agreement", "quality/z_share")
+QUALITY_SHARE_KEYS = ("quality/precision", "quality/recall", "quality/referable_agreement", "quality/z_share",
+                      "quality/group_fidelity/0-1", "quality/group_fidelity/2", "quality/group_fidelity/3-4")
 INFO_KEYS = ("info/L_info_discrete", "info/H_discrete", "info/L_info")
 
 

@@ -47,7 +47,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from retinagen.config import JUDGE_SEEDS
-from retinagen.dr_scale import REFERABLE_GRADE
+from retinagen.dr_scale import GRADE_GROUPS, REFERABLE_GRADE, group_name
 from retinagen.errors import CheckpointError
 from retinagen.fileio import sha256_file
 from retinagen.metrics.fid import feature_stats, frechet_distance, images_to_uint8_nchw
@@ -188,14 +188,20 @@ def _judge(net: Any, images: Any, batch_size: int = 64) -> tuple[np.ndarray, np.
 
 
 def grade_fidelity(proba: np.ndarray, requested: np.ndarray) -> dict[str, Any]:
-    """Per requested grade, the share judged that grade with p >= 0.5; and the referable agreement."""
+    """Per requested grade, the share judged that grade with p >= 0.5; per group of `GRADE_GROUPS` asked
+    for, the share whose p summed over the group's grades is >= 0.5; and the referable agreement."""
     if len(proba) != len(requested):
         raise ValueError(f"{len(proba)} judged images but {len(requested)} requested grades")
     hit = proba[np.arange(len(requested)), np.clip(requested, 0, proba.shape[1] - 1)] >= FIDELITY_P
     per = {int(g): float(hit[requested == g].mean()) for g in np.unique(requested) if g >= 0}
+    groups = {}
+    for group in GRADE_GROUPS:
+        asked = np.isin(requested, group)
+        if asked.any() and max(group) < proba.shape[1]:
+            groups[group_name(group)] = float((proba[asked][:, list(group)].sum(1) >= FIDELITY_P).mean())
     judged_ref = proba[:, REFERABLE_GRADE:].sum(1) >= 0.5
     agree = float((judged_ref == (requested >= REFERABLE_GRADE)).mean()) if len(requested) else float("nan")
-    return {"fidelity": per, "referable_agreement": agree}
+    return {"fidelity": per, "group_fidelity": groups, "referable_agreement": agree}
 
 
 # ------------------------------------------------------------------------------------------- building

@@ -5,8 +5,8 @@ snapshot (``quick=True``: the cheap part). The row holds:
 
 * ``fd_fundus``, ``precision``, ``recall``: ``n`` generated images (grades drawn equally often when the
   model is grade-conditional) against the judges' reference set, in the judges' feature space;
-* ``fidelity`` per requested grade and ``referable_agreement`` (conditional models): the judge grader's
-  verdicts on those images;
+* ``fidelity`` per requested grade, ``group_fidelity`` per grade group (0-1, 2, 3-4; `dr_scale.GRADE_GROUPS`)
+  and ``referable_agreement`` (conditional models): the judge grader's verdicts on those images;
 * ``L_info_discrete`` against ``H_discrete``: Q's mutual-information lower bound of the discrete codes on
   ``n`` fresh generated images (the paper's Fig. 10, at this checkpoint rather than from the training log);
 * ``z_share``, ``code_share`` (models with codes, on up to 128 pairs): how much of the images' variety the
@@ -195,6 +195,6 @@ class SnapshotScorer:
         model = load_model(checkpoint)
         row = score_checkpoint(model, self._judges_for(data_zip), n=self.n, seed=0, quick=True)
         if not self.synthetic:
-            row.pop("fidelity", None)
-            row.pop("referable_agreement", None)
+            for key in ("fidelity", "group_fidelity", "referable_agreement"):
+                row.pop(key, None)
         return row

@@ -35,6 +35,18 @@ def test_one_row_per_scored_snapshot_with_adas_p(tmp_path: Path, capsys: pytest.
     assert "not JSON" in capsys.readouterr().err
 
 
+def test_group_fidelity_gets_its_column_when_logged(tmp_path: Path) -> None:
+    base = {"quality/fd_fundus": 12.0, "quality/precision": 0.5, "quality/recall": 0.25,
+            "quality/fidelity/3": 0.1, "quality/fidelity/4": 0.0}
+    groups = {"quality/group_fidelity/0-1": 0.9, "quality/group_fidelity/2": 0.5, "quality/group_fidelity/3-4": 0.25}
+    old = snapshot_table.table(_run(tmp_path, [{"kimg": 2.0, **base}]), "old")
+    assert "groups" not in old  # runs logged before the column existed keep their table
+    (tmp_path / "run" / "metrics.jsonl").write_text(json.dumps({"kimg": 2.0, **base, **groups}) + "\n")
+    new = snapshot_table.table(tmp_path / "run", "new").splitlines()
+    assert new[2].endswith("| groups 0-1 / 2 / 3-4 |")
+    assert new[4].endswith("| 0.90 / 0.50 / 0.25 |")
+
+
 def test_a_folder_without_metrics_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="metrics.jsonl"):
         snapshot_table.main([str(tmp_path)])

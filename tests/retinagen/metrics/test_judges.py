@@ -145,6 +145,15 @@ def test_grade_fidelity_counts_confident_verdicts() -> None:
     assert grade_fidelity(proba, np.array([4, 4, 0, 0]))["referable_agreement"] == 0.0
 
 
+def test_group_fidelity_sums_the_groups_grades() -> None:
+    # Asked 0: judged 1 (0.6) still counts for group 0-1; asked 3: p 0.3 + 0.3 over grades 3-4 counts, where
+    # neither grade alone reaches 0.5; asked 4 with p(3-4) 0.4 does not; no image was asked for grade 2.
+    proba = np.array([[0.4, 0.6, 0, 0, 0], [0.2, 0.1, 0.4, 0.3, 0.0], [0.1, 0.1, 0.2, 0.3, 0.3], [0.3, 0.1, 0.2, 0.1, 0.3]])
+    out = grade_fidelity(proba, np.array([0, 3, 3, 4]))
+    assert out["fidelity"] == {0: 0.0, 3: 0.0, 4: 0.0}
+    assert out["group_fidelity"] == {"0-1": 1.0, "3-4": pytest.approx(1 / 3)}
+
+
 def test_precision_and_recall_tell_fidelity_from_diversity() -> None:
     rng = np.random.default_rng(0)
     real = rng.normal(size=(400, 8))

@@ -103,13 +103,15 @@ def test_the_real_scorer_on_a_smoke_run(tmp_path: Path, synth_zip_16: Path, tiny
     assert len(rows) == 2 and all(r["quality/judge"] == judges.judge_id for r in rows)
     assert all(r["quality/fd_fundus"] > 0 and 0 <= r["quality/recall"] <= 1 for r in rows)
     assert all("quality/L_info_discrete" in r and "quality/referable_agreement" in r for r in rows)
+    assert all("quality/group_fidelity/0-1" in r for r in rows)
     assert len(list((run / "checkpoints").glob("best-*.json"))) == 1
     # On data other than the built-in synthetic set the reference is the run's own training images and the
     # judge grader (which knows synthetic lesions only) gives no fidelity.
     other = SnapshotScorer(cfg.model_copy(update={"data": cfg.data.model_copy(update={"dataset": "eyepacs"})}),
                            judges=judges)
     row = other(list_checkpoints(run / "checkpoints")[-1], synth_zip_16)
-    assert "fidelity" not in row and "referable_agreement" not in row and row["fd_fundus"] > 0
+    assert "fidelity" not in row and "group_fidelity" not in row and "referable_agreement" not in row
+    assert row["fd_fundus"] > 0
     from retinagen.data.dataset import ZipImageDataset
 
     assert other._judges_for(synth_zip_16).ref_features.shape == (len(ZipImageDataset(synth_zip_16)), 128)
