@@ -12,7 +12,11 @@ the checkpoint's run folder, or ``--data``), this prints:
   scores the prior's or worse) and balanced accuracy (chance: 1 / number of grades present);
 * the raw pixels and the fixed judges' fundus encoder (`retinagen.metrics.judges`, trained to grade; skip
   with ``--no-judge``), probed the same way: what a probe finds where the grade is in the features;
-* for a model with ``model.aux_classifier``: D's own classifier, its cross-entropy and confusion matrix.
+* for a model with ``model.aux_classifier``: D's own classifier, its cross-entropy and confusion matrix;
+* with ``--alone STEPS``: a fresh D of the same config (full resolution, no growing, an auxiliary classifier),
+  trained on the grade's cross-entropy alone (no GAN) for STEPS steps of 16 images on the probes' training part,
+  D's optimiser settings; its ``h`` probed and its classifier scored on the held-out quarter. It tells whether
+  this D can learn the grade from these images at all.
 
 Not a test: it prints figures. The probe is deterministic (fixed split, lbfgs).
 """
@@ -23,6 +27,7 @@ import argparse
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -82,6 +87,29 @@ def probe(features: np.ndarray, labels: np.ndarray, num_classes: int, c: float =
     return out
 
 
+def train_alone(model: Any, imgs: np.ndarray, labels: np.ndarray, steps: int, seed: int = 0) -> torch.nn.Module:
+    """A fresh D of ``model``'s config trained on the grade cross-entropy alone (see the module docstring)."""
+    from retinagen.networks.build import build_d
+
+    cfg = model.cfg.model_copy(update={"model": model.cfg.model.model_copy(update={"grow_from": None,
+                                                                                    "aux_classifier": True})})
+    torch.manual_seed(seed)
+    net = build_d(cfg)
+    o = cfg.optim
+    opt = torch.optim.Adam(net.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2), eps=o.eps)
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    train = np.flatnonzero(np.arange(len(labels)) % 4 != 0)  # the probes' training part
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        idx = torch.from_numpy(rng.choice(train, size=16))
+        loss = torch.nn.functional.cross_entropy(net(x[idx]).class_logits.float(), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
 def _data_zip(checkpoint: Path, model: Any, data: Path | None) -> Path:
     """--data, else the run's data.path, else the built-in data prepared in the run folder's data/."""
     if data is not None:
@@ -95,7 +123,7 @@ def _data_zip(checkpoint: Path, model: Any, data: Path | None) -> Path:
     return found[0]
 
 
-def report(checkpoint: Path, data: Path | None, max_images: int, judge: bool = True) -> str:
+def report(checkpoint: Path, data: Path | None, max_images: int, judge: bool = True, alone: int = 0) -> str:
     model = load_model(checkpoint)
     if model.num_classes == 0:
         return f"{checkpoint}: not a grade-conditional model"
@@ -114,6 +142,12 @@ def report(checkpoint: Path, data: Path | None, max_images: int, judge: bool = T
         from retinagen.metrics.judges import JudgeSpec, get_judges
 
         feats["judge encoder"] = get_judges(JudgeSpec(resolution=model.resolution)).features(imgs)
+    alone_classifier = None
+    if alone > 0:
+        lone = train_alone(model, imgs, labels, alone)
+        lone_feats = trunk_features(SimpleNamespace(D=lone), imgs)
+        feats[f"h of D trained alone ({alone} steps)"] = lone_feats["h"]
+        alone_classifier = lone_feats["classifier"]
     for name, f in feats.items():
         r = probe(f, labels, k, c=0.01 if name == "pixels" else 0.1)
         lines.append(f"| {name} | {f.shape[1]} | {r['ce']:.3f} | {r['prior_ce']:.3f} | {r['balanced_accuracy']:.3f} |")
@@ -123,6 +157,13 @@ def report(checkpoint: Path, data: Path | None, max_images: int, judge: bool = T
         np.add.at(m, (labels, classifier.argmax(1)), 1)
         lines += ["", f"D's grade classifier on all {len(labels)} images: CE {ce:.3f}; confusion (rows: grade, "
                   "columns: D's argmax):"] + [f"    {g}: {m[g].tolist()}" for g in range(k)]
+    if alone_classifier is not None:
+        from sklearn.metrics import balanced_accuracy_score
+
+        held = np.arange(len(labels)) % 4 == 0
+        acc = balanced_accuracy_score(labels[held], alone_classifier[held].argmax(1))
+        lines += ["", f"The classifier of D trained alone, on the held-out quarter: CE {_ce(alone_classifier[held], labels[held]):.3f}, "
+                  f"balanced accuracy {acc:.3f}"]
     return "\n".join(lines)
 
 
@@ -132,12 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=None, help="training ZIP (default: the run folder's data/*.zip)")
     ap.add_argument("--max-images", type=int, default=2000)
     ap.add_argument("--no-judge", action="store_true", help="leave out the judges' encoder row")
+    ap.add_argument("--alone", type=int, default=0, metavar="STEPS",
+                    help="also train a fresh D on the grade alone for STEPS steps and probe it")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     for ck in args.checkpoints:
-        print(report(ck, args.data, args.max_images, judge=not args.no_judge), end="\n\n", flush=True)
+        print(report(ck, args.data, args.max_images, judge=not args.no_judge, alone=args.alone), end="\n\n", flush=True)
     return 0
 
 

@@ -39,6 +39,13 @@ def test_report_on_a_trained_run(smoke_run_master: Path) -> None:
     assert any(r.startswith("block") for r in rows)
 
 
+def test_a_d_trained_alone_is_probed_beside_the_runs(smoke_run_master: Path) -> None:
+    ck = sorted((smoke_run_master / "checkpoints").glob("ckpt-*.safetensors"))[-1]
+    text = d_grade_probe.report(ck, None, 64, judge=False, alone=3)
+    assert "| h of D trained alone (3 steps) | " in text
+    assert "The classifier of D trained alone, on the held-out quarter: CE " in text
+
+
 def test_missing_data_is_a_clear_error(smoke_run_master: Path, tmp_path: Path) -> None:
     from retinagen.errors import RetinagenError
 
