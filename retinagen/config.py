@@ -230,6 +230,12 @@ class AugmentConfig(_Strict):
     # the augmentations change, e.g. brightness) or the augmented ones D judges.
     q_input: Literal["clean", "augmented"] = "clean"
 
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _mode_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads an unquoted `off` as false: `--set augment.mode=off` and `mode: off` mean "off".
+        return "off" if v is False else v
+
 
 class RunConfig(_Strict):
     data: DataConfig = DataConfig()

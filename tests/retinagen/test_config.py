@@ -127,6 +127,15 @@ def test_amp_off_unquoted_means_off(tmp_path: Path) -> None:
         load_run_config("synthfundus", overrides=parse_overrides(["train.amp=on"]))  # true is not a mode
 
 
+def test_augment_mode_off_unquoted_means_off(tmp_path: Path) -> None:
+    assert load_run_config("synthfundus", overrides=parse_overrides(["augment.mode=off"])).augment.mode == "off"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("augment:\n  mode: off\n")
+    assert load_run_config("synthfundus", config=cfg).augment.mode == "off"
+    with pytest.raises(ConfigError, match="augment.mode"):
+        load_run_config("synthfundus", overrides=parse_overrides(["augment.mode=on"]))
+
+
 def test_the_main_job_is_bounded_in_time_and_kimg() -> None:
     # The README main job must end inside 10 minutes on the slowest machine of its kind: a training budget.
     cfg = load_run_config("synthfundus", preset="cpu")
