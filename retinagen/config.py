@@ -18,7 +18,7 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -36,6 +36,18 @@ PRESETS = ("smoke", "cpu", "gpu")
 class _Strict(BaseModel):
     # extra="forbid": a misspelt key is an error, not silently ignored.
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _off_means_off(cls, data: Any) -> Any:
+        # YAML 1.1 (safe_load) reads an unquoted `off` as false: for every choice field that has an "off"
+        # choice (train.amp, augment.mode), `--set train.amp=off` and `amp: off` mean "off".
+        if not isinstance(data, Mapping):
+            return data
+        offs = [k for k, f in cls.model_fields.items() if get_origin(f.annotation) is Literal and "off" in get_args(f.annotation)]
+        if not any(data.get(k) is False for k in offs):
+            return data
+        return {**data, **{k: "off" for k in offs if data.get(k) is False}}
 
 
 class DataConfig(_Strict):
@@ -207,12 +219,6 @@ class TrainConfig(_Strict):
             raise ValueError("must be 0 (no scoring) or at least 128 (the judges' 128 features need more images)")
         return v
 
-    @field_validator("amp", mode="before")
-    @classmethod
-    def _amp_off(cls, v: Any) -> Any:
-        # YAML 1.1 (safe_load) reads an unquoted `off` as false: `--set train.amp=off` and `amp: off` mean "off".
-        return "off" if v is False else v
-
 
 AugmentName = Literal["xflip", "rot90", "translate", "scale", "rotate", "aniso", "brightness", "contrast", "saturation"]
 
@@ -229,12 +235,6 @@ class AugmentConfig(_Strict):
     # What Q reads: the clean fakes (one more pass of D's trunk per phase; the codes may then carry what
     # the augmentations change, e.g. brightness) or the augmented ones D judges.
     q_input: Literal["clean", "augmented"] = "clean"
-
-    @field_validator("mode", mode="before")
-    @classmethod
-    def _mode_off(cls, v: Any) -> Any:
-        # YAML 1.1 reads an unquoted `off` as false: `--set augment.mode=off` and `mode: off` mean "off".
-        return "off" if v is False else v
 
 
 class RunConfig(_Strict):

@@ -117,23 +117,16 @@ def test_deep_merge_does_not_mutate() -> None:
     assert merged == {"a": {"b": 3, "c": 2}} and base == {"a": {"b": 1, "c": 2}}
 
 
-def test_amp_off_unquoted_means_off(tmp_path: Path) -> None:
+@pytest.mark.parametrize("section, key", [("train", "amp"), ("augment", "mode")])
+def test_off_unquoted_means_off(section: str, key: str, tmp_path: Path) -> None:
     """YAML reads an unquoted `off` as false; `--set train.amp=off` and `amp: off` must still mean "off"."""
-    assert load_run_config("synthfundus", overrides=parse_overrides(["train.amp=off"])).train.amp == "off"
+    got = load_run_config("synthfundus", overrides=parse_overrides([f"{section}.{key}=off"]))
+    assert getattr(getattr(got, section), key) == "off"
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("train:\n  amp: off\n")
-    assert load_run_config("synthfundus", config=cfg).train.amp == "off"
-    with pytest.raises(ConfigError, match="train.amp"):
-        load_run_config("synthfundus", overrides=parse_overrides(["train.amp=on"]))  # true is not a mode
-
-
-def test_augment_mode_off_unquoted_means_off(tmp_path: Path) -> None:
-    assert load_run_config("synthfundus", overrides=parse_overrides(["augment.mode=off"])).augment.mode == "off"
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("augment:\n  mode: off\n")
-    assert load_run_config("synthfundus", config=cfg).augment.mode == "off"
-    with pytest.raises(ConfigError, match="augment.mode"):
-        load_run_config("synthfundus", overrides=parse_overrides(["augment.mode=on"]))
+    cfg.write_text(f"{section}:\n  {key}: off\n")
+    assert getattr(getattr(load_run_config("synthfundus", config=cfg), section), key) == "off"
+    with pytest.raises(ConfigError, match=f"{section}.{key}"):
+        load_run_config("synthfundus", overrides=parse_overrides([f"{section}.{key}=on"]))  # true is not a mode
 
 
 def test_the_main_job_is_bounded_in_time_and_kimg() -> None:
