@@ -27,28 +27,32 @@ import argparse
 import sys
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
 from retinagen.data.dataset import ZipImageDataset
+from retinagen.data.preprocess import to_model_range
 from retinagen.generation import load_model
 from retinagen.run_dir import RunDir
 
 
-def trunk_features(model: Any, imgs: np.ndarray, batch_size: int = 100) -> dict[str, np.ndarray]:
-    """D's pooled features of uint8 images [N, R, R, 3]: {name: [N, C]}, plus "h" and, with an auxiliary
+def model_range(imgs: np.ndarray) -> torch.Tensor:
+    """uint8 images [N, R, R, 3] as D's input [N, 3, R, R] in [-1, 1] (the training data's conversion)."""
+    return torch.stack([to_model_range(img) for img in imgs])
+
+
+def trunk_features(d: torch.nn.Module, x: torch.Tensor, batch_size: int = 100) -> dict[str, np.ndarray]:
+    """D's pooled features of images ``x`` (`model_range`): {name: [N, C]}, plus "h" and, with an auxiliary
     classifier, "classifier" (its softmax)."""
-    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     out: dict[str, list[np.ndarray]] = {}
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
-            h, pooled = model.D._trunk(x[start : start + batch_size])
+            h, pooled = d._trunk(x[start : start + batch_size])
             pooled["h"] = h
-            if model.D.class_head is not None:
-                pooled["classifier"] = torch.softmax(model.D.class_head(h).float(), dim=1)
+            if d.class_head is not None:
+                pooled["classifier"] = torch.softmax(d.class_head(h).float(), dim=1)
             for key, value in pooled.items():
                 out.setdefault(key, []).append(value.float().numpy())
     return {k: np.concatenate(v) for k, v in out.items()}
@@ -87,7 +91,7 @@ def probe(features: np.ndarray, labels: np.ndarray, num_classes: int, c: float =
     return out
 
 
-def train_alone(model: Any, imgs: np.ndarray, labels: np.ndarray, steps: int, seed: int = 0) -> torch.nn.Module:
+def train_alone(model: Any, x: torch.Tensor, labels: np.ndarray, steps: int, seed: int = 0) -> torch.nn.Module:
     """A fresh D of ``model``'s config trained on the grade cross-entropy alone (see the module docstring)."""
     from retinagen.networks.build import build_d
 
@@ -97,7 +101,6 @@ def train_alone(model: Any, imgs: np.ndarray, labels: np.ndarray, steps: int, se
     net = build_d(cfg)
     o = cfg.optim
     opt = torch.optim.Adam(net.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2), eps=o.eps)
-    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     train = np.flatnonzero(np.arange(len(labels)) % 4 != 0)  # the probes' training part
     rng = np.random.default_rng(seed)
@@ -135,7 +138,8 @@ def report(checkpoint: Path, data: Path | None, max_images: int, judge: bool = T
     lines = [f"{checkpoint} (kimg {model.meta.get('kimg')}): {len(idx)} training images, grades "
              f"{np.bincount(labels, minlength=k).tolist()}", "", "| features | dims | CE | prior CE | balanced acc. |",
              "|---|---|---|---|---|"]
-    feats = trunk_features(model, imgs)
+    x = model_range(imgs)
+    feats = trunk_features(model.D, x)
     classifier = feats.pop("classifier", None)
     feats["pixels"] = imgs.reshape(len(imgs), -1).astype(np.float32)
     if judge:
@@ -144,8 +148,7 @@ def report(checkpoint: Path, data: Path | None, max_images: int, judge: bool = T
         feats["judge encoder"] = get_judges(JudgeSpec(resolution=model.resolution)).features(imgs)
     alone_classifier = None
     if alone > 0:
-        lone = train_alone(model, imgs, labels, alone)
-        lone_feats = trunk_features(SimpleNamespace(D=lone), imgs)
+        lone_feats = trunk_features(train_alone(model, x, labels, alone), x)
         feats[f"h of D trained alone ({alone} steps)"] = lone_feats["h"]
         alone_classifier = lone_feats["classifier"]
     for name, f in feats.items():
