@@ -159,6 +159,11 @@ class LossConfig(_Strict):
     r1_gamma: float = Field(10.0, ge=0.0)
     r1_interval: int = Field(16, ge=1)  # lazy R1: every N discriminator steps, scaled by N
     grade_weight: float = Field(1.0, ge=0.0)  # auxiliary DR-grade classifier loss, when enabled
+    # A frozen DR grader (a fundus encoder .safetensors with a grade head, trained on the run's labelled
+    # training images) whose cross-entropy on the fakes, times grade_guide_weight, joins G's loss
+    # (`retinagen.training.grade_guide`). Needs model.conditional. None: off.
+    grade_guide: str | None = None
+    grade_guide_weight: float = Field(1.0, ge=0.0)
     # Weight of the uniform codes' log Q inside L_info (1 = Eq. 3 as written). Below 1 it stops the
     # unbounded Gaussian term from dominating the bounded discrete one in short runs.
     info_continuous_weight: float = Field(1.0, ge=0.0, le=1.0)

@@ -8,6 +8,7 @@
     RUN/factors.json     the factor map `retinagen discover` writes
     RUN/tensorboard/     TensorBoard events
     RUN/data/            the training ZIP prepared for a synthfundus run
+    RUN/grade_guide.*    the grader `loss.grade_guide=auto` trains on the training data (`retinagen.training.grade_guide`)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ TRAVERSALS_DIR = "traversals"
 FACTOR_MAP_FILE = "factors.json"
 TENSORBOARD_DIR = "tensorboard"
 DATA_DIR = "data"
+GRADE_GUIDE_STEM = "grade_guide"
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,10 @@ class RunDir:
     @property
     def data(self) -> Path:
         return self.root / DATA_DIR
+
+    @property
+    def grade_guide(self) -> Path:
+        return self.root / f"{GRADE_GUIDE_STEM}.safetensors"
 
     def is_run(self) -> bool:
         """A folder counts as a run folder when it holds the run's config.json or metrics.jsonl."""

@@ -207,7 +207,10 @@ def grade_fidelity(proba: np.ndarray, requested: np.ndarray) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- building
 
 
-def _prepare_set(tmp: Path, name: str, n: int, seed: int, res: int, probs: Sequence[float]) -> Path:
+def prepare_set(tmp: Path, name: str, n: int, seed: int, res: int, probs: Sequence[float]) -> Path:
+    """``n`` fundi of ``seed`` with grade mix ``probs``, rendered and prepared at ``res`` px into
+    ``tmp/<name>.zip`` as the judges' own sets are (``prepare_set(.., "train", spec.n_train, spec.seed, ..,
+    [0.2] * 5)`` is the set the judges learn from)."""
     from retinagen.data.prepare import prepare_dataset
     from retinagen.data.synthetic import write_synth_dataset
 
@@ -244,8 +247,8 @@ def build_judges(spec: JudgeSpec, folder: Path, progress: bool = True) -> Path:
     try:
         if progress:
             print(f"judges {spec.key()}: rendering {spec.n_train} + {spec.n_reference} fundi", file=sys.stderr)
-        train_zip = _prepare_set(tmp, "train", spec.n_train, spec.seed, spec.resolution, [0.2] * 5)
-        ref_zip = _prepare_set(tmp, "reference", spec.n_reference, spec.seed + 1, spec.resolution, DEFAULT_GRADE_PROBS)
+        train_zip = prepare_set(tmp, "train", spec.n_train, spec.seed, spec.resolution, [0.2] * 5)
+        ref_zip = prepare_set(tmp, "reference", spec.n_reference, spec.seed + 1, spec.resolution, DEFAULT_GRADE_PROBS)
         train_fundus_encoder(train_zip, tmp / "encoder", resolution=spec.resolution, epochs=spec.epochs,
                              min_steps=spec.min_steps, seed=0, progress=progress)
         enc = load_fundus_encoder(tmp / "encoder.safetensors")
@@ -431,13 +434,15 @@ def disturbance_table(judges: Judges, images: np.ndarray, grades: np.ndarray, fa
     return rows
 
 
-def held_out_real(spec: JudgeSpec, n: int, seed: int, folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[str]]:
-    """``n`` real-like fundi of ``seed`` (the reference mix of grades), prepared as the judges' sets are:
-    (uint8 [N, R, R, 3], grades, factors or None, factor names)."""
+def held_out_real(spec: JudgeSpec, n: int, seed: int, folder: Path, grade_probs: Sequence[float] | None = None,
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[str]]:
+    """``n`` real-like fundi of ``seed`` (the reference mix of grades, or ``grade_probs``), prepared as the
+    judges' sets are: (uint8 [N, R, R, 3], grades, factors or None, factor names)."""
     from retinagen.data.synthetic import DEFAULT_GRADE_PROBS
 
     if seed in spec.seeds:
         raise ValueError(f"seed {seed} is one of the judges' own seeds {spec.seeds}: not held out")
-    zip_path = _prepare_set(folder, f"heldout-{seed}", n, seed, spec.resolution, DEFAULT_GRADE_PROBS)
+    probs = DEFAULT_GRADE_PROBS if grade_probs is None else grade_probs
+    zip_path = prepare_set(folder, f"heldout-{seed}", n, seed, spec.resolution, probs)
     imgs, grades, factors, names = _dataset_arrays(zip_path)
     return imgs.permute(0, 2, 3, 1).numpy(), grades, factors, names

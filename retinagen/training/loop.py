@@ -63,6 +63,7 @@ from retinagen.training.distributed import (
     init_distributed,
 )
 from retinagen.training.ema import ema_beta, update_ema
+from retinagen.training.grade_guide import AUTO, GradeGuide, ensure_auto_guide, load_grade_guide
 from retinagen.training.snapshots import SnapshotScore, best_logged_fd, log_lines_upto, score_snapshot
 
 # Config sections that must match between a checkpoint and the run resuming it.
@@ -256,6 +257,12 @@ class Trainer:
             )
         self.spec: LatentSpec = latent_spec(cfg.latent)
         self.num_classes = num_classes(cfg)
+        self.guide: GradeGuide | None = None
+        if cfg.loss.grade_guide is not None:
+            if not self.num_classes:
+                raise RetinagenError("loss.grade_guide needs a grade-conditional model (model.conditional: true)")
+            if cfg.loss.grade_guide != AUTO:  # "auto" is trained on the training data in `train`
+                self.guide = load_grade_guide(cfg.loss.grade_guide, self.num_classes, self.device)
         use_amp = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and self.device.type == "cuda")
         self.amp_dtype = torch.bfloat16 if use_amp else None
 
@@ -355,6 +362,7 @@ class Trainer:
             "world_size": self.d.world,
             "dataset_fingerprint": self.dataset_fingerprint,
             "grade_probs": None if self.grade_probs is None else [float(x) for x in self.grade_probs],
+            "grade_guide_sha256": None if self.guide is None else self.guide.sha256,
             "num_params": {"G": _count_params(self.G), "D": _count_params(self.D)},
         }
 
@@ -403,6 +411,12 @@ class Trainer:
         self.step = int(ck.meta["step"])
         self.images_seen = int(ck.meta["images_seen"])
         self.train_seconds = float(ck.meta.get("train_seconds", 0.0))
+        guide_sha = None if self.guide is None else self.guide.sha256
+        if ck.meta.get("grade_guide_sha256") != guide_sha:
+            raise CheckpointError(
+                f"{meta_path}: loss.grade_guide {self.cfg.loss.grade_guide} is not the grade guide this run was "
+                "trained with (its SHA-256 differs)"
+            )
         if ck.meta.get("dataset_fingerprint") and self.dataset_fingerprint not in (None, ck.meta["dataset_fingerprint"]):
             raise CheckpointError(f"{meta_path}: the training data changed since this checkpoint was written")
 
@@ -520,6 +534,10 @@ class Trainer:
         fake_ce = None
         if out.class_logits is not None and fake_grade is not None:
             fake_ce = losses.grade_ce_loss(out.class_logits.float(), fake_grade)
+        guide_ce = None
+        if self.guide is not None and fake_grade is not None:
+            guide_ce = losses.grade_ce_loss(self.guide(fake), fake_grade)
+            stats["loss/guide_ce"] = guide_ce.detach()
         ms = None
         if cfg.loss.mode_seeking > 0:
             m = n // 2
@@ -530,6 +548,7 @@ class Trainer:
             out.logits.float(), neg_log_q=info.neg_log_q if beta > 0 else None, beta=self.g_info_weight(),
             grade_ce=fake_ce, grade_weight=cfg.loss.grade_weight,
             mode_seeking=ms, mode_seeking_weight=cfg.loss.mode_seeking,
+            guide_ce=guide_ce, guide_weight=cfg.loss.grade_guide_weight,
         )  # fmt: skip
         stats["loss/G"] = losses.g_nonsaturating_loss(out.logits.float()).detach()
         self.opt_G.zero_grad(set_to_none=True)
@@ -712,6 +731,13 @@ def train(
 
     zip_path = resolve_training_data(cfg, run_dir, d)
     dataset = _open_training_data(trainer, zip_path)
+    if cfg.loss.grade_guide == AUTO:
+        guide = RunDir(run_dir).grade_guide
+        if d.main:
+            ensure_auto_guide(guide, zip_path, cfg.model.resolution, cfg.train.seed, trainer.device, progress)
+        if d.world > 1:
+            dist.barrier()
+        trainer.guide = load_grade_guide(guide, trainer.num_classes, trainer.device)
 
     if resume:
         latest = latest_valid_checkpoint(RunDir(run_dir).checkpoints)

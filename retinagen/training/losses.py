@@ -181,9 +181,11 @@ def total_generator_loss(
     grade_weight: float = 1.0,
     mode_seeking: torch.Tensor | None = None,
     mode_seeking_weight: float = 0.0,
+    guide_ce: torch.Tensor | None = None,
+    guide_weight: float = 0.0,
 ) -> torch.Tensor:
     """G's loss: g_nonsaturating(fake) + beta * neg_log_q [+ grade_weight * CE of the grade classifier on fakes]
-    [+ mode_seeking_weight * `mode_seeking_loss`].
+    [+ mode_seeking_weight * `mode_seeking_loss`] [+ guide_weight * CE of the frozen grade guide on fakes].
 
     This is Eq. (4) for G: minimising -V (non-saturating form) and -beta * L_info.
     """
@@ -194,7 +196,8 @@ def total_generator_loss(
     loss = g_nonsaturating_loss(fake_logits)
     loss = _add_weighted(loss, neg_log_q, beta, "neg_log_q")
     loss = _add_weighted(loss, grade_ce, grade_weight, "grade_ce")
-    return _add_weighted(loss, mode_seeking, mode_seeking_weight, "mode_seeking")
+    loss = _add_weighted(loss, mode_seeking, mode_seeking_weight, "mode_seeking")
+    return _add_weighted(loss, guide_ce, guide_weight, "guide_ce")
 
 
 def total_discriminator_loss(

@@ -119,6 +119,9 @@ def test_beta_weights_the_info_term() -> None:
     g0 = g_nonsaturating_loss(fake)
     assert torch.equal(total_generator_loss(fake, neg_log_q=torch.tensor(float("nan")), beta=0.0), g0)
     assert torch.allclose(total_generator_loss(fake, neg_log_q=nlq, beta=2.0), g0 + 3.4)
+    both = total_generator_loss(fake, neg_log_q=nlq, beta=2.0, guide_ce=torch.tensor(0.6), guide_weight=5.0)
+    assert torch.allclose(both, g0 + 3.4 + 3.0)  # the frozen grade guide's CE, weighted
+    assert torch.equal(total_generator_loss(fake, guide_ce=torch.tensor(float("nan")), guide_weight=0.0), g0)
     d0 = d_logistic_loss(real, fake)
     assert torch.equal(
         total_discriminator_loss(real, fake, neg_log_q=torch.tensor(float("nan")), beta=0.0), d0

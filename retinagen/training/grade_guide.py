@@ -1,0 +1,86 @@
+"""A frozen DR grader whose cross-entropy on the fakes joins G's loss (`loss.grade_guide`).
+
+D's own grade classifier (`model.aux_classifier`) shares D's trunk, which learns what tells real from fake
+first; in short runs its features carry no grade (benchmarks/d_grade_probe.py), so its grade loss cannot
+tell G what a grade-3 fundus looks like. The guide is a fundus encoder (`retinagen.metrics.encoder`) trained
+beforehand on the run's own labelled training images; it is frozen, so G can only lower its loss by changing
+the images. It reads G's clean output (never D's augmented view) at the encoder's own input size.
+
+``loss.grade_guide=auto`` trains that encoder at the start of the run on the run's training ZIP into
+RUN/grade_guide.safetensors (`ensure_auto_guide`); a resumed run loads it again, and the checkpoint's SHA-256
+of the guide makes sure it is the same one.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from retinagen.errors import CheckpointError
+
+__all__ = ["AUTO", "GradeGuide", "ensure_auto_guide", "load_grade_guide"]
+
+AUTO = "auto"
+# The auto guide's training: the fixed judges' encoder recipe (`retinagen.metrics.judges.JudgeSpec`).
+AUTO_EPOCHS = 12
+AUTO_MIN_STEPS = 800
+
+
+class GradeGuide(nn.Module):
+    """Images float [B, 3, H, W] in [-1, 1] (G's output) -> grade logits [B, num_classes] of a frozen encoder."""
+
+    def __init__(self, net: nn.Module, sha256: str) -> None:
+        super().__init__()
+        self.net = net.eval().requires_grad_(False)
+        self.sha256 = sha256
+        self.size = int(net.cfg.input_size)
+
+    def train(self, mode: bool = True) -> GradeGuide:  # always in eval mode: it is never trained here
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float()
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        x = (x - self.net.in_mean) / self.net.in_std
+        return self.net.grade_head(self.net.features_from_float(x))
+
+
+def load_grade_guide(path: str | Path, num_classes: int, device: torch.device | str = "cpu") -> GradeGuide:
+    """Load a fundus encoder file as a guide; refuses one without a grade head of ``num_classes`` grades."""
+    from retinagen.metrics.encoder import load_fundus_encoder
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CheckpointError(f"{p}: loss.grade_guide file not found (a fundus encoder .safetensors)")
+    ext = load_fundus_encoder(p)
+    head = ext.net.grade_head
+    if head is None:
+        raise CheckpointError(f"{p}: this fundus encoder has no grade head (it was trained without grades)")
+    if head.out_features != num_classes:
+        raise CheckpointError(
+            f"{p}: the encoder grades {head.out_features} classes, the model has {num_classes}"
+        )
+    return GradeGuide(ext.net, ext.weights_id).to(torch.device(device))
+
+
+def ensure_auto_guide(path: Path, zip_path: Path, resolution: int, seed: int, device: torch.device | str = "cpu",
+                      progress: bool = True) -> Path:
+    """Train the auto guide on ``zip_path`` into ``path`` unless it is there; returns ``path``.
+
+    Input size min(resolution, 128), the judges' epochs; ``seed`` is the run's, offset so the guide's
+    initialisation is not the judges' (seed 0). A half-written file is never left: the encoder is written
+    atomically by `train_fundus_encoder`.
+    """
+    from retinagen.metrics.encoder import train_fundus_encoder
+
+    if path.is_file():
+        return path
+    print(f"grade guide: training a DR grader on {zip_path.name} into {path.name} (loss.grade_guide=auto)",
+          file=sys.stderr)
+    return train_fundus_encoder(zip_path, path.with_suffix(""), resolution=min(resolution, 128), epochs=AUTO_EPOCHS,
+                                min_steps=AUTO_MIN_STEPS, seed=seed + 1, device=device, progress=progress)

@@ -1,0 +1,118 @@
+"""loss.grade_guide: a frozen fundus-encoder grader whose cross-entropy on the fakes joins G's loss only."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from retinagen.config import load_run_config, parse_overrides
+from retinagen.data.dataset import ZipImageDataset
+from retinagen.errors import CheckpointError, RetinagenError
+from retinagen.metrics.encoder import train_fundus_encoder
+from retinagen.training.grade_guide import load_grade_guide
+from retinagen.training.loop import Trainer, _loader, _open_training_data, train
+
+
+@pytest.fixture(scope="module")
+def guide_path(synth_zip_16: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("guide") / "guide"
+    return train_fundus_encoder(synth_zip_16, out, epochs=1, batch_size=8, seed=0, progress=False)
+
+
+def _cfg(data: Path, *extra: str):
+    return load_run_config("synthfundus", preset="smoke", overrides=parse_overrides([f"data.path={data}", *extra]))
+
+
+def test_the_guide_reads_Gs_range_as_the_encoder_reads_uint8(guide_path: Path, synth_zip_16: Path) -> None:
+    guide = load_grade_guide(guide_path, num_classes=5)
+    ds = ZipImageDataset(synth_zip_16)
+    u8 = torch.stack([torch.as_tensor(ds.read_uint8(i)).permute(2, 0, 1) for i in range(8)])
+    net = guide.net
+    want = net.grade_head(net(u8))
+    got = guide(u8.float() / 127.5 - 1.0)
+    assert torch.allclose(got, want, atol=1e-5)
+    # At another size it is resized to the encoder's input first, as the encoder resizes uint8 images.
+    big = u8.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    assert torch.allclose(guide(big.float() / 127.5 - 1.0), net.grade_head(net(big)), atol=1e-5)
+    assert not any(p.requires_grad for p in guide.parameters())
+
+
+def test_refuses_a_missing_file_and_another_number_of_grades(guide_path: Path, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        load_grade_guide(tmp_path / "none.safetensors", 5)
+    with pytest.raises(CheckpointError, match="grades 5 classes, the model has 3"):
+        load_grade_guide(guide_path, 3)
+
+
+def _one_step(cfg, data: Path, run: Path) -> Trainer:
+    trainer = Trainer(cfg, run, log=False)
+    dataset = _open_training_data(trainer, data)
+    real, grade = next(iter(_loader(trainer, dataset)))
+    stats = trainer.train_step(real, grade)
+    trainer.last_stats = stats
+    return trainer
+
+
+def test_the_guide_changes_Gs_step_and_not_Ds(guide_path: Path, synth_zip_16: Path, tmp_path: Path) -> None:
+    plain = _one_step(_cfg(synth_zip_16), synth_zip_16, tmp_path / "a")
+    guided = _one_step(_cfg(synth_zip_16, f"loss.grade_guide={guide_path}", "loss.grade_guide_weight=5"),
+                       synth_zip_16, tmp_path / "b")
+    assert "loss/guide_ce" in guided.last_stats and "loss/guide_ce" not in plain.last_stats
+    assert float(guided.last_stats["loss/guide_ce"]) > 0
+    for (name, a), b in zip(plain.D.state_dict().items(), guided.D.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name  # D's step never sees the guide
+    g_diff = [not torch.equal(a, b) for a, b in zip(plain.G.parameters(), guided.G.parameters(), strict=True)]
+    assert any(g_diff)
+
+
+def test_needs_a_conditional_model(guide_path: Path, synth_zip_16: Path, tmp_path: Path) -> None:
+    cfg = _cfg(synth_zip_16, f"loss.grade_guide={guide_path}", "model.conditional=false")
+    with pytest.raises(RetinagenError, match="grade-conditional"):
+        Trainer(cfg, tmp_path / "run", log=False)
+
+
+def test_resume_with_another_guide_file_is_refused(guide_path: Path, synth_zip_16: Path, tmp_path: Path) -> None:
+    mine = tmp_path / "guide.safetensors"
+    shutil.copy(guide_path, mine)
+    shutil.copy(guide_path.with_suffix(".json"), mine.with_suffix(".json"))
+    run = tmp_path / "run"
+    cfg = _cfg(synth_zip_16, f"loss.grade_guide={mine}")
+    train(cfg, run, progress=False, max_steps=2)
+    assert train(cfg, run, resume=True, progress=False, max_steps=3).steps == 3  # the same guide resumes
+    # A guide retrained into the same path (other weights, same config) is not the one the run trained with.
+    train_fundus_encoder(synth_zip_16, tmp_path / "guide", epochs=1, batch_size=8, seed=1, progress=False)
+    with pytest.raises(CheckpointError, match="not the grade guide this run was trained with"):
+        train(cfg, run, resume=True, progress=False)
+
+
+def test_auto_trains_the_guide_on_the_training_data_once(
+    synth_zip_16: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from retinagen.fileio import sha256_file
+    from retinagen.run_dir import RunDir
+    from retinagen.training import grade_guide
+    from retinagen.training.checkpoint import latest_valid_checkpoint, load_checkpoint
+
+    monkeypatch.setattr(grade_guide, "AUTO_EPOCHS", 1)
+    monkeypatch.setattr(grade_guide, "AUTO_MIN_STEPS", 0)
+    run = tmp_path / "run"
+    cfg = _cfg(synth_zip_16, "loss.grade_guide=auto")
+    train(cfg, run, progress=False, max_steps=2)
+    guide = RunDir(run).grade_guide
+    meta = json.loads(guide.with_suffix(".json").read_text())
+    assert meta["data"]["fingerprint"] == ZipImageDataset(synth_zip_16).fingerprint()  # the run's own data
+    ck = load_checkpoint(latest_valid_checkpoint(RunDir(run).checkpoints))
+    assert ck.meta["grade_guide_sha256"] == sha256_file(guide)
+    stamp = guide.stat().st_mtime_ns
+    assert train(cfg, run, resume=True, progress=False, max_steps=3).steps == 3
+    assert guide.stat().st_mtime_ns == stamp  # loaded again, not retrained
+    # A guide that is not the one the run trained with (here: deleted, then retrained with another seed).
+    for f in (guide, guide.with_suffix(".json")):
+        f.unlink()
+    train_fundus_encoder(synth_zip_16, guide.with_suffix(""), epochs=1, batch_size=8, seed=7, progress=False)
+    with pytest.raises(CheckpointError, match="not the grade guide"):
+        train(cfg, run, resume=True, progress=False)
