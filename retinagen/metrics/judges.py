@@ -116,12 +116,23 @@ class Judges:
         self.factor_names: list[str] = list(meta.get("factor_names", []))
         self.ref_mu, self.ref_sigma = feature_stats(self.ref_features)
 
-    def with_reference(self, features: np.ndarray, label: str) -> Judges:
-        """The same encoder and grader against another reference set (e.g. a run's real training images)."""
+    def with_reference(self, features: np.ndarray, label: str, grades: np.ndarray | None = None) -> Judges:
+        """The same encoder and grader against another reference set (e.g. a run's real training images), with
+        its images' DR grades where known (-1: unknown)."""
         meta = {**self.meta, "reference": label}
-        ref = {"features": torch.from_numpy(np.ascontiguousarray(features, np.float32)),
-               "grades": torch.full((len(features),), -1, dtype=torch.int64)}
+        g = np.full(len(features), -1, np.int64) if grades is None else np.asarray(grades, np.int64)
+        if len(g) != len(features):
+            raise ValueError(f"{len(features)} reference features but {len(g)} grades")
+        ref = {"features": torch.from_numpy(np.ascontiguousarray(features, np.float32)), "grades": torch.from_numpy(g)}
         return Judges(self.folder, meta, self.encoder, ref)
+
+    def reference_grade_probs(self, num_classes: int) -> np.ndarray | None:
+        """The reference set's share of each DR grade (None when its grades are unknown): the grade mix that
+        generated images are drawn with for fd_fundus, precision and recall."""
+        known = self.ref_grades[(self.ref_grades >= 0) & (self.ref_grades < num_classes)]
+        if not len(known):
+            return None
+        return np.bincount(known, minlength=num_classes) / len(known)
 
     @property
     def judge_id(self) -> str:
@@ -154,7 +165,10 @@ class Judges:
         return float(frechet_distance(mu, sigma, self.ref_mu, self.ref_sigma))
 
     def score(self, images: Any, requested_grades: np.ndarray | Sequence[int] | None = None) -> dict[str, Any]:
-        """fd_fundus, precision, recall and (when grades were requested) grade fidelity of generated images."""
+        """fd_fundus, precision and recall of generated images against the reference set, and (when grades
+        were requested) grade fidelity of the same images. Fréchet distance and precision / recall compare
+        distributions, so the images should have the reference's grade mix (`reference_grade_probs`); fidelity
+        wants every grade asked for: `retinagen.metrics.quality.score_checkpoint` scores two sets for that."""
         feats, proba = self._run(images)
         precision, recall = precision_recall(feats, self.ref_features)
         out: dict[str, Any] = {
@@ -167,6 +181,10 @@ class Judges:
         if requested_grades is not None and proba.shape[1]:
             out.update(grade_fidelity(proba, np.asarray(requested_grades, np.int64)))
         return out
+
+    def fidelity(self, images: Any, requested_grades: np.ndarray | Sequence[int]) -> dict[str, Any]:
+        """Grade fidelity (`grade_fidelity`) of generated images asked for ``requested_grades``."""
+        return grade_fidelity(self.grade_proba(images), np.asarray(requested_grades, np.int64))
 
 
 @torch.no_grad()

@@ -3,10 +3,12 @@
 `score_checkpoint` is what ``benchmarks/quality.py`` prints per snapshot and what training logs at each
 snapshot (``quick=True``: the cheap part). The row holds:
 
-* ``fd_fundus``, ``precision``, ``recall``: ``n`` generated images (grades drawn equally often when the
-  model is grade-conditional) against the judges' reference set, in the judges' feature space;
+* ``fd_fundus``, ``precision``, ``recall``: ``n`` generated images against the judges' reference set, in
+  the judges' feature space; a grade-conditional model is asked for the reference's grade mix (the training
+  data's frequencies when the reference's grades are unknown);
 * ``fidelity`` per requested grade, ``group_fidelity`` per grade group (0-1, 2, 3-4; `dr_scale.GRADE_GROUPS`)
-  and ``referable_agreement`` (conditional models): the judge grader's verdicts on those images;
+  and ``referable_agreement`` (conditional models): the judge grader's verdicts on another ``n`` images with
+  every grade asked for equally often;
 * ``L_info_discrete`` against ``H_discrete``: Q's mutual-information lower bound of the discrete codes on
   ``n`` fresh generated images (the paper's Fig. 10, at this checkpoint rather than from the training log);
 * ``z_share``, ``code_share`` (models with codes, on up to 128 pairs): how much of the images' variety the
@@ -33,14 +35,27 @@ QUICK_N = 256  # images per quick (training-time) score
 ACM_ATTRIBUTES = ("pigmentation", "glare", "fov_area", "brightness")
 
 
-def _generate(model: Any, n: int, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """``n`` images of ``model`` (uint8 [N, R, R, 3]) and the grade each was asked for (conditional models)."""
+def grade_counts(probs: Any, n: int) -> list[int]:
+    """``n`` split over grades in proportion to ``probs`` (largest remainders; sums to ``n``)."""
+    p = np.asarray(probs, np.float64)
+    if p.ndim != 1 or not len(p) or (p < 0).any() or p.sum() <= 0:
+        raise ValueError(f"grade probabilities must be >= 0 with a positive sum, got {probs!r}")
+    exact = p / p.sum() * n
+    counts = np.floor(exact).astype(int)
+    for g in np.argsort(-(exact - counts), kind="stable")[: n - counts.sum()]:
+        counts[g] += 1
+    return [int(c) for c in counts]
+
+
+def _generate(model: Any, n: int, seed: int, counts: list[int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``n`` images of ``model`` (uint8 [N, R, R, 3]) and the grade each was asked for (conditional models):
+    every grade equally often, or ``counts[g]`` of grade g. Image i of grade g is the same whatever the counts."""
     from retinagen.generation import generate_images
 
     if model.num_classes == 0:
         imgs, _ = generate_images(model, n, seed)
         return imgs, None
-    per = [n // model.num_classes + (1 if g < n % model.num_classes else 0) for g in range(model.num_classes)]
+    per = counts if counts is not None else grade_counts(np.ones(model.num_classes), n)
     parts, grades = [], []
     for g, k in enumerate(per):
         if k:
@@ -130,7 +145,17 @@ def score_checkpoint(
         "checkpoint_sha256": model.sha256,
     }
     imgs, grades = _generate(model, n, seed)
-    row.update(judges.score(imgs, grades))
+    if grades is None:
+        row.update(judges.score(imgs))
+    else:
+        # fd_fundus, precision and recall on images of the reference's grade mix (an equal mix would put a model
+        # that draws each grade faithfully far from a reference of mostly grade 0); fidelity on equal grades.
+        mix = judges.reference_grade_probs(model.num_classes)
+        if mix is None:
+            mix = model.meta.get("grade_probs") or np.ones(model.num_classes)
+        mixed, _ = _generate(model, n, seed, counts=grade_counts(mix, n))
+        row.update(judges.score(mixed))
+        row.update(judges.fidelity(imgs, grades))
     row.update(info_at_checkpoint(model, min(n, 512), seed, batch_size))
     row.update(variety_shares(model, min(n, 128), seed, batch_size))  # 128 pairs: 5.5 s of a 14.4 s score, 1 busy thread
     if not quick and mig:
@@ -186,7 +211,9 @@ class SnapshotScorer:
             ds = ZipImageDataset(data_zip)
             idx = np.linspace(0, len(ds) - 1, min(len(ds), self.n_reference)).round().astype(int)
             imgs = np.stack([np.asarray(ds.read_uint8(int(i))) for i in idx])
-            self._run_judges = self.judges.with_reference(self.judges.features(imgs), f"training data ({len(idx)})")
+            grades = np.asarray(ds.labels, np.int64)[idx]
+            self._run_judges = self.judges.with_reference(self.judges.features(imgs), f"training data ({len(idx)})",
+                                                          grades)
         return self._run_judges
 
     def __call__(self, checkpoint: Any, data_zip: Any) -> dict[str, Any]:

@@ -221,3 +221,13 @@ def test_variety_shares_tell_a_g_that_ignores_z_from_one_that_ignores_the_codes(
     assert variety_shares(model(1.0, 1.0), 64, 0) == both  # fixed seeds
     assert variety_shares(SimpleNamespace(spec=LatentSpec(z_dim=8, categorical=(), n_bernoulli=0, n_uniform=0)),
                           8, 0) == {}
+
+
+def test_grade_counts_split_n_by_the_probabilities() -> None:
+    from retinagen.metrics.quality import grade_counts
+
+    assert grade_counts([0.73, 0.07, 0.15, 0.025, 0.025], 100) == [73, 7, 15, 3, 2]  # largest remainders
+    assert sum(grade_counts([0.1] * 7, 33)) == 33 and grade_counts([1, 1, 1, 1, 1], 10) == [2] * 5
+    with pytest.raises(ValueError):
+        grade_counts([0.0, 0.0], 5)
+
