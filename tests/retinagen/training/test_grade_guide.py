@@ -116,3 +116,20 @@ def test_auto_trains_the_guide_on_the_training_data_once(
     train_fundus_encoder(synth_zip_16, guide.with_suffix(""), epochs=1, batch_size=8, seed=7, progress=False)
     with pytest.raises(CheckpointError, match="not the grade guide"):
         train(cfg, run, resume=True, progress=False)
+
+
+def test_a_pickle_under_the_guides_name_is_refused_and_never_runs(guide_path: Path, tmp_path: Path) -> None:
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    bad = tmp_path / "guide.safetensors"
+    bad.write_bytes(pickle.dumps(Payload()))
+    shutil.copy(guide_path.with_suffix(".json"), bad.with_suffix(".json"))
+    with pytest.raises(CheckpointError):
+        load_grade_guide(bad, 5)
+    assert not marker.exists()
