@@ -5,7 +5,8 @@
     python benchmarks/quality.py runs/a --label "cpu, ADA" --record docs/ablations.md
 
 Each row: the label (default: the run folder's name), MSI, kimg, training wall time, fd_fundus, precision and
-recall (k = 3) against the judges' reference set, grade fidelity per requested grade and per grade group
+recall (k = 3) against the judges' reference set (a grade-conditional model asked for the reference's grade
+mix), grade fidelity per requested grade and per grade group
 (0-1, 2, 3-4: p summed over the group's grades >= 0.5) and the referable agreement (grade-conditional models), Q's L_info of the discrete codes against H(C), MIG on the reference
 set's ground-truth factors and ACM (%) of pigmentation / glare / field of view / brightness. The judges
 (`retinagen.metrics.judges`) are built once per resolution from synthetic data of a seed no training run uses

@@ -87,6 +87,9 @@ def train(
         ck_dir = RunDir(run_dir).checkpoints
         if ck_dir.is_dir() and any(ck_dir.iterdir()):
             raise RetinagenError(f"{run_dir} already holds checkpoints: continue it with --resume {run_dir}, or pick a new --out")
+    from retinagen.training.grade_guide import check_grade_guide
+
+    check_grade_guide(cfg.loss.grade_guide, cfg.model.conditional)  # before the judges are built (minutes)
     scorer = None
     if cfg.train.quality_n and cfg.data.dataset != "celeba" and int(os.environ.get("RANK", "0")) == 0:
         from retinagen.metrics.quality import SnapshotScorer

@@ -13,16 +13,19 @@ of the guide makes sure it is the same one.
 
 from __future__ import annotations
 
+import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from retinagen.errors import CheckpointError
+from retinagen.errors import CheckpointError, RetinagenError
+from retinagen.run_dir import GRADE_GUIDE_STEM
 
-__all__ = ["AUTO", "GradeGuide", "ensure_auto_guide", "load_grade_guide"]
+__all__ = ["AUTO", "GradeGuide", "check_grade_guide", "ensure_auto_guide", "load_grade_guide"]
 
 AUTO = "auto"
 # The auto guide's training: the fixed judges' encoder recipe (`retinagen.metrics.judges.JudgeSpec`).
@@ -43,7 +46,10 @@ class GradeGuide(nn.Module):
         return super().train(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # What is exported is clamped to [-1, 1]: the guide reads that, with the gradient passed straight
+        # through, so G cannot lower the guide's loss with pixel values that vanish on export.
         x = images.float()
+        x = x + (x.clamp(-1.0, 1.0) - x).detach()
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
         x = (x - self.net.in_mean) / self.net.in_std
@@ -68,19 +74,46 @@ def load_grade_guide(path: str | Path, num_classes: int, device: torch.device | 
     return GradeGuide(ext.net, ext.weights_id).to(torch.device(device))
 
 
-def ensure_auto_guide(path: Path, zip_path: Path, resolution: int, seed: int, device: torch.device | str = "cpu",
-                      progress: bool = True) -> Path:
-    """Train the auto guide on ``zip_path`` into ``path`` unless it is there; returns ``path``.
+def check_grade_guide(guide: str | None, conditional: bool) -> None:
+    """Up-front check of ``loss.grade_guide`` (before any long work): a model that can be guided, an existing file."""
+    if guide is None:
+        return
+    if not conditional:
+        raise RetinagenError("loss.grade_guide needs a grade-conditional model (model.conditional: true)")
+    if guide != AUTO and not Path(guide).expanduser().is_file():
+        raise CheckpointError(f"{Path(guide).expanduser()}: loss.grade_guide file not found (a fundus encoder .safetensors)")
+
+
+def ensure_auto_guide(path: Path, zip_path: Path, fingerprint: str, resolution: int, seed: int,
+                      device: torch.device | str = "cpu", progress: bool = True, keep: bool = True) -> Path:
+    """Train the auto guide on ``zip_path`` into ``path`` unless it is there (returns ``path``); with ``keep``
+    False into a temporary folder instead, which is deleted (the other processes of a multi-process run train
+    alongside the first, so that none waits at a barrier for minutes, and then load the first one's file).
 
     Input size min(resolution, 128), the judges' epochs; ``seed`` is the run's, offset so the guide's
-    initialisation is not the judges' (seed 0). A half-written file is never left: the encoder is written
-    atomically by `train_fundus_encoder`.
+    initialisation is not the judges' (seed 0). A guide already there must be complete and trained on this
+    data (``fingerprint``), or it is refused. The encoder is written atomically by `train_fundus_encoder`.
     """
     from retinagen.metrics.encoder import train_fundus_encoder
 
-    if path.is_file():
+    if keep and (path.is_file() or path.with_suffix(".json").is_file()):
+        meta_path = path.with_suffix(".json")
+        try:
+            trained_on = json.loads(meta_path.read_text(encoding="utf-8"))["data"]["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise CheckpointError(f"{path.parent}: {path.name} or {meta_path.name} is missing or unreadable; "
+                                  "delete both to train the grade guide again") from None
+        if trained_on != fingerprint or not path.is_file():
+            raise CheckpointError(f"{path}: this grade guide was trained on other data than this run's "
+                                  f"({zip_path.name}); delete it and {meta_path.name} to train it again")
         return path
-    print(f"grade guide: training a DR grader on {zip_path.name} into {path.name} (loss.grade_guide=auto)",
-          file=sys.stderr)
-    return train_fundus_encoder(zip_path, path.with_suffix(""), resolution=min(resolution, 128), epochs=AUTO_EPOCHS,
-                                min_steps=AUTO_MIN_STEPS, seed=seed + 1, device=device, progress=progress)
+    if keep:
+        print(f"grade guide: training a DR grader on {zip_path.name} into {path.name} (loss.grade_guide=auto)",
+              file=sys.stderr)
+    kwargs = dict(resolution=min(resolution, 128), epochs=AUTO_EPOCHS, min_steps=AUTO_MIN_STEPS, seed=seed + 1,
+                  device=device)
+    if keep:
+        return train_fundus_encoder(zip_path, path.with_suffix(""), progress=progress, **kwargs)
+    with tempfile.TemporaryDirectory(prefix="retinagen-guide-") as tmp:
+        train_fundus_encoder(zip_path, Path(tmp) / GRADE_GUIDE_STEM, progress=False, **kwargs)
+    return path

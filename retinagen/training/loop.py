@@ -63,7 +63,7 @@ from retinagen.training.distributed import (
     init_distributed,
 )
 from retinagen.training.ema import ema_beta, update_ema
-from retinagen.training.grade_guide import AUTO, GradeGuide, ensure_auto_guide, load_grade_guide
+from retinagen.training.grade_guide import AUTO, GradeGuide, check_grade_guide, ensure_auto_guide, load_grade_guide
 from retinagen.training.snapshots import SnapshotScore, best_logged_fd, log_lines_upto, score_snapshot
 
 # Config sections that must match between a checkpoint and the run resuming it.
@@ -258,11 +258,9 @@ class Trainer:
         self.spec: LatentSpec = latent_spec(cfg.latent)
         self.num_classes = num_classes(cfg)
         self.guide: GradeGuide | None = None
-        if cfg.loss.grade_guide is not None:
-            if not self.num_classes:
-                raise RetinagenError("loss.grade_guide needs a grade-conditional model (model.conditional: true)")
-            if cfg.loss.grade_guide != AUTO:  # "auto" is trained on the training data in `train`
-                self.guide = load_grade_guide(cfg.loss.grade_guide, self.num_classes, self.device)
+        check_grade_guide(cfg.loss.grade_guide, bool(self.num_classes))
+        if cfg.loss.grade_guide not in (None, AUTO):  # "auto" is trained on the training data in `train`
+            self.guide = load_grade_guide(cfg.loss.grade_guide, self.num_classes, self.device)
         use_amp = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and self.device.type == "cuda")
         self.amp_dtype = torch.bfloat16 if use_amp else None
 
@@ -387,6 +385,12 @@ class Trainer:
             raise CheckpointError(
                 f"{meta_path}: checkpoint does not match this config:\n  " + "\n  ".join(diffs)
             )
+        guide_sha = None if self.guide is None else self.guide.sha256
+        if ck.meta.get("grade_guide_sha256") != guide_sha:
+            raise CheckpointError(
+                f"{meta_path}: loss.grade_guide {self.cfg.loss.grade_guide} is not the grade guide this run was "
+                "trained with (its SHA-256 differs)"
+            )
         try:
             self.G.load_state_dict(ck.module_state("G"))
             self.D.load_state_dict(ck.module_state("D"))
@@ -411,12 +415,6 @@ class Trainer:
         self.step = int(ck.meta["step"])
         self.images_seen = int(ck.meta["images_seen"])
         self.train_seconds = float(ck.meta.get("train_seconds", 0.0))
-        guide_sha = None if self.guide is None else self.guide.sha256
-        if ck.meta.get("grade_guide_sha256") != guide_sha:
-            raise CheckpointError(
-                f"{meta_path}: loss.grade_guide {self.cfg.loss.grade_guide} is not the grade guide this run was "
-                "trained with (its SHA-256 differs)"
-            )
         if ck.meta.get("dataset_fingerprint") and self.dataset_fingerprint not in (None, ck.meta["dataset_fingerprint"]):
             raise CheckpointError(f"{meta_path}: the training data changed since this checkpoint was written")
 
@@ -733,8 +731,12 @@ def train(
     dataset = _open_training_data(trainer, zip_path)
     if cfg.loss.grade_guide == AUTO:
         guide = RunDir(run_dir).grade_guide
-        if d.main:
-            ensure_auto_guide(guide, zip_path, cfg.model.resolution, cfg.train.seed, trainer.device, progress)
+        # Every process trains (the others into a temporary folder) so that none waits at the barrier for the
+        # first; all then load the first one's file.
+        have = guide.is_file() and guide.with_suffix(".json").is_file()
+        if d.main or not have:
+            ensure_auto_guide(guide, zip_path, dataset.fingerprint(), cfg.model.resolution, cfg.train.seed,
+                              trainer.device, progress and d.main, keep=d.main)
         if d.world > 1:
             dist.barrier()
         trainer.guide = load_grade_guide(guide, trainer.num_classes, trainer.device)

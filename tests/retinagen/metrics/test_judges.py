@@ -228,6 +228,8 @@ def test_grade_counts_split_n_by_the_probabilities() -> None:
 
     assert grade_counts([0.73, 0.07, 0.15, 0.025, 0.025], 100) == [73, 7, 15, 3, 2]  # largest remainders
     assert sum(grade_counts([0.1] * 7, 33)) == 33 and grade_counts([1, 1, 1, 1, 1], 10) == [2] * 5
-    with pytest.raises(ValueError):
-        grade_counts([0.0, 0.0], 5)
+    assert grade_counts([0.5, 0.0, 0.5], 3) in ([2, 0, 1], [1, 0, 2])  # a grade of probability 0 gets none
+    for probs, n in (([0.0, 0.0], 5), ([0.5, float("nan")], 5), ([0.5, -0.1], 5), ([1.0], 0), ([1.0], -2)):
+        with pytest.raises(ValueError):
+            grade_counts(probs, n)
 

@@ -204,3 +204,44 @@ def test_the_stop_decision_is_the_one_agreed_at_the_all_reduce(monkeypatch: pyte
     assert flag.stop  # acted on at the next step's agreement, by every process together
     monkeypatch.setattr(loop.dist, "all_reduce", lambda t, op=None: None)
     assert loop._agree_on_stopping(False, flag, torch.device("cpu")) == (False, True)
+
+
+# A launcher that shortens the auto grade guide's training (the same on every process) and records, per
+# process, the guide it trained with (the SHA-256 of the guide the trainer holds).
+_SHORT_GUIDE = """
+import atexit, os, sys
+import retinagen.training.grade_guide as gg
+import retinagen.training.loop as loop
+gg.AUTO_EPOCHS, gg.AUTO_MIN_STEPS = 1, 0
+out, seen = sys.argv.pop(1), []
+real_init = loop.Trainer.__init__
+def init(self, *a, **k):
+    real_init(self, *a, **k)
+    seen.append(self)
+loop.Trainer.__init__ = init
+atexit.register(lambda: seen and open(f"{out}.{os.environ['RANK']}", "w").write(seen[0].guide.sha256))
+from retinagen.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ddp_processes_train_with_the_one_auto_guide_the_run_keeps(synth_zip_16: Path, tmp_path: Path) -> None:
+    """loss.grade_guide=auto with 2 processes: each trains alongside (none waits minutes at a barrier), the
+    first writes RUN/grade_guide.*, and every process trains G against that file's guide."""
+    from retinagen.fileio import sha256_file
+
+    launcher, record = tmp_path / "short_guide.py", tmp_path / "guide_sha"
+    launcher.write_text(_SHORT_GUIDE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(launcher),
+           str(record), "train", "--preset", "smoke", "--data", str(synth_zip_16), "--out", str(run),
+           "--set", *_DDP_SET, "--set", "loss.grade_guide=auto"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    guide = run / "grade_guide.safetensors"
+    want = sha256_file(guide)
+    assert [Path(f"{record}.{r}").read_text() for r in (0, 1)] == [want, want]
+    meta, _ = _weights(run)
+    assert meta["world_size"] == 2 and meta["grade_guide_sha256"] == want
+    assert sorted(p.name for p in run.glob("grade_guide*")) == ["grade_guide.json", "grade_guide.safetensors"]

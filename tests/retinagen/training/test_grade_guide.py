@@ -69,6 +69,44 @@ def test_the_guide_changes_Gs_step_and_not_Ds(guide_path: Path, synth_zip_16: Pa
     assert any(g_diff)
 
 
+def test_the_guide_judges_Gs_images_of_this_step_against_the_grades_G_was_asked_for(
+    guide_path: Path, synth_zip_16: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = _cfg(synth_zip_16, f"loss.grade_guide={guide_path}")
+    trainer = Trainer(cfg, tmp_path / "run", log=False)
+    dataset = _open_training_data(trainer, synth_zip_16)
+    made, judged = [], []
+    run_g, guide = trainer._run_G, trainer.guide
+
+    def recording_run_g(sample, grade):
+        made.append((run_g(sample, grade), grade))
+        return made[-1][0]
+
+    def recording_guide(images):
+        judged.append(images)
+        return guide(images)
+
+    monkeypatch.setattr(trainer, "_run_G", recording_run_g)
+    monkeypatch.setattr(trainer, "guide", recording_guide)
+    real, grade = next(iter(_loader(trainer, dataset)))
+    stats = trainer.train_step(real, grade)
+    assert len(judged) == 1 and judged[0] is made[-1][0]  # G's phase's own images, not D's (detached) ones
+    asked = made[-1][1]
+    want = torch.nn.functional.cross_entropy(guide(made[-1][0].detach()), asked)
+    assert float(stats["loss/guide_ce"]) == pytest.approx(float(want), rel=1e-5)
+    assert judged[0].requires_grad  # the loss reaches G
+
+
+def test_the_guide_reads_exported_pixel_values(guide_path: Path) -> None:
+    guide = load_grade_guide(guide_path, num_classes=5)
+    x = torch.randn(4, 3, 16, 16) * 3
+    x.requires_grad_(True)
+    logits = guide(x)
+    assert torch.allclose(logits, guide(x.detach().clamp(-1, 1)), atol=1e-6)  # out-of-range values count as clamped
+    logits.sum().backward()
+    assert x.grad is not None and (x.grad.abs() > 0).float().mean() > 0.5  # the gradient passes straight through
+
+
 def test_needs_a_conditional_model(guide_path: Path, synth_zip_16: Path, tmp_path: Path) -> None:
     cfg = _cfg(synth_zip_16, f"loss.grade_guide={guide_path}", "model.conditional=false")
     with pytest.raises(RetinagenError, match="grade-conditional"):
@@ -133,3 +171,25 @@ def test_a_pickle_under_the_guides_name_is_refused_and_never_runs(guide_path: Pa
     with pytest.raises(CheckpointError):
         load_grade_guide(bad, 5)
     assert not marker.exists()
+
+
+def test_an_auto_guide_of_other_data_in_the_run_folder_is_refused(
+    synth_zip_16: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from retinagen.run_dir import RunDir
+    from retinagen.training import grade_guide
+
+    monkeypatch.setattr(grade_guide, "AUTO_EPOCHS", 1)
+    monkeypatch.setattr(grade_guide, "AUTO_MIN_STEPS", 0)
+    run = tmp_path / "run"
+    guide = RunDir(run).grade_guide
+    guide.parent.mkdir(parents=True)
+    train_fundus_encoder(synth_zip_16, guide.with_suffix(""), epochs=1, batch_size=8, seed=0, progress=False)
+    meta = json.loads(guide.with_suffix(".json").read_text())
+    meta["data"]["fingerprint"] = "0" * 64
+    guide.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="trained on other data"):
+        train(_cfg(synth_zip_16, "loss.grade_guide=auto"), run, progress=False, max_steps=1)
+    guide.unlink()  # a JSON without its tensor file (a crash between the two writes)
+    with pytest.raises(CheckpointError, match="delete"):
+        train(_cfg(synth_zip_16, "loss.grade_guide=auto"), run, progress=False, max_steps=1)
