@@ -63,7 +63,13 @@ from retinagen.training.distributed import (
     init_distributed,
 )
 from retinagen.training.ema import ema_beta, update_ema
-from retinagen.training.grade_guide import AUTO, GradeGuide, check_grade_guide, ensure_auto_guide, load_grade_guide
+from retinagen.training.grade_guide import (
+    AUTO,
+    GradeGuide,
+    check_grade_guide,
+    ensure_auto_guide,
+    load_grade_guide,
+)
 from retinagen.training.snapshots import SnapshotScore, best_logged_fd, log_lines_upto, score_snapshot
 
 # Config sections that must match between a checkpoint and the run resuming it.
