@@ -164,6 +164,10 @@ class LossConfig(_Strict):
     # (`retinagen.training.grade_guide`). Needs model.conditional. None: off.
     grade_guide: str | None = None
     grade_guide_weight: float = Field(1.0, ge=0.0)
+    # The guide reads each fake through a random flip, 90-degree turn, shift, scale, rotation and colour change,
+    # each with this probability (the grade does not change under any of them): G cannot then satisfy the
+    # guide with a mark at a fixed place or orientation. 0: the guide reads the fakes as they are.
+    grade_guide_augment: float = Field(0.0, ge=0.0, le=1.0)
     # Weight of the uniform codes' log Q inside L_info (1 = Eq. 3 as written). Below 1 it stops the
     # unbounded Gaussian term from dominating the bounded discrete one in short runs.
     info_continuous_weight: float = Field(1.0, ge=0.0, le=1.0)

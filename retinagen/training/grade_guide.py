@@ -31,6 +31,9 @@ AUTO = "auto"
 # The auto guide's training: the fixed judges' encoder recipe (`retinagen.metrics.judges.JudgeSpec`).
 AUTO_EPOCHS = 12
 AUTO_MIN_STEPS = 800
+# What `loss.grade_guide_augment` applies before the guide: every transform of `retinagen.training.augment`,
+# all of which keep the DR grade.
+GUIDE_TRANSFORMS = ("xflip", "rot90", "translate", "scale", "rotate", "brightness", "contrast", "saturation")
 
 
 class GradeGuide(nn.Module):

@@ -65,6 +65,7 @@ from retinagen.training.distributed import (
 from retinagen.training.ema import ema_beta, update_ema
 from retinagen.training.grade_guide import (
     AUTO,
+    GUIDE_TRANSFORMS,
     GradeGuide,
     check_grade_guide,
     ensure_auto_guide,
@@ -310,6 +311,9 @@ class Trainer:
         self.image_weights: np.ndarray | None = None
         self.dataset_fingerprint: str | None = None
 
+        self.guide_augment: AugmentPipe | None = None
+        if cfg.loss.grade_guide_augment > 0:
+            self.guide_augment = AugmentPipe(GUIDE_TRANSFORMS, p=cfg.loss.grade_guide_augment, mode="fixed")
         a = cfg.augment
         self.augment: AugmentPipe | None = None
         if a.mode != "off":
@@ -540,7 +544,9 @@ class Trainer:
             fake_ce = losses.grade_ce_loss(out.class_logits.float(), fake_grade)
         guide_ce = None
         if self.guide is not None and fake_grade is not None:
-            guide_ce = losses.grade_ce_loss(self.guide(fake), fake_grade)
+            seen = fake if self.guide_augment is None else self.guide_augment(
+                fake, self.gen, rank=self.d.rank, world=self.d.world)
+            guide_ce = losses.grade_ce_loss(self.guide(seen), fake_grade)
             stats["loss/guide_ce"] = guide_ce.detach()
         ms = None
         if cfg.loss.mode_seeking > 0:

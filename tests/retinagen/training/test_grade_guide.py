@@ -193,3 +193,24 @@ def test_an_auto_guide_of_other_data_in_the_run_folder_is_refused(
     guide.unlink()  # a JSON without its tensor file (a crash between the two writes)
     with pytest.raises(CheckpointError, match="delete"):
         train(_cfg(synth_zip_16, "loss.grade_guide=auto"), run, progress=False, max_steps=1)
+
+
+def test_with_guide_augment_the_guide_reads_transformed_fakes(
+    guide_path: Path, synth_zip_16: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = _cfg(synth_zip_16, f"loss.grade_guide={guide_path}", "loss.grade_guide_augment=1")
+    trainer = Trainer(cfg, tmp_path / "run", log=False)
+    dataset = _open_training_data(trainer, synth_zip_16)
+    made, judged = [], []
+    run_g, guide = trainer._run_G, trainer.guide
+    monkeypatch.setattr(trainer, "_run_G", lambda s, g: made.append(run_g(s, g)) or made[-1])
+    monkeypatch.setattr(trainer, "guide", lambda x: judged.append(x) or guide(x))
+    real, grade = next(iter(_loader(trainer, dataset)))
+    trainer.train_step(real, grade)
+    fake, seen = made[-1], judged[0]
+    assert seen.shape == fake.shape and seen.requires_grad
+    # Every image is moved (flip, turn, shift, scale, rotation, colour at p = 1), and G still gets the gradient.
+    assert all(not torch.allclose(a, b, atol=1e-3) for a, b in zip(seen, fake, strict=True))
+    x = fake.detach().clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(guide(trainer.guide_augment(x, trainer.gen)).sum(), x)
+    assert g.abs().sum() > 0
