@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from retinagen.checks import Count, check
 from retinagen.metrics.judges import Judges, JudgeSpec, get_judges
 
 QUICK_N = 256  # images per quick (training-time) score
@@ -40,8 +41,7 @@ def grade_counts(probs: Any, n: int) -> list[int]:
     p = np.asarray(probs, np.float64)
     if p.ndim != 1 or not len(p) or not np.isfinite(p).all() or (p < 0).any() or p.sum() <= 0:
         raise ValueError(f"grade probabilities must be finite, >= 0 and of a positive sum, got {probs!r}")
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
+    n = check(Count, n, "n")
     exact = p / p.sum() * n
     counts = np.floor(exact).astype(int)
     for g in np.argsort(-(exact - counts), kind="stable")[: n - counts.sum()]:
