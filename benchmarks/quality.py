@@ -6,9 +6,10 @@
 
 Each row: the label (default: the run folder's name), MSI, kimg, training wall time, fd_fundus, precision and
 recall (k = 3) against the judges' reference set (a grade-conditional model asked for the reference's grade
-mix), grade fidelity per requested grade and per grade group
-(0-1, 2, 3-4: p summed over the group's grades >= 0.5) and the referable agreement (grade-conditional models), Q's L_info of the discrete codes against H(C), MIG on the reference
-set's ground-truth factors and ACM (%) of pigmentation / glare / field of view / brightness. The judges
+mix), grade fidelity per requested grade and per grade group (0-1, 2, 3-4: p summed over the group's grades
+>= 0.5), the referable agreement and the grade shift (grade-conditional models; `quality.grade_shift`, real
+fundi 2.2-4.5 grey levels), Q's L_info of the discrete codes against H(C), MIG on the reference set's
+ground-truth factors and ACM (%) of pigmentation / glare / field of view / brightness. The judges
 (`retinagen.metrics.judges`) are built once per resolution from synthetic data of a seed no training run uses
 and cached under ``--judges-dir``; their id is printed with the table, and only rows of one judge id compare.
 ``--record`` appends the table, the exact command and this machine's matmul peak to a Markdown file
@@ -65,7 +66,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     head = ["run", "MSI", "kimg", "train min", "fd_fundus", "precision", "recall"]
     groups = [group_name(g) for g in GRADE_GROUPS if any(group_name(g) in r.get("group_fidelity", {}) for r in rows)]
     head += [f"fidelity g{g}" for g in grades] + [f"group {g}" for g in groups]
-    head += ["referable agr."] if grades else []
+    head += ["referable agr.", "grade shift"] if grades else []
     head += ["L_info / H(C)", "MIG"] + [f"ACM {ACM_SHORT[a]}" for a in ACM_ATTRIBUTES]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -75,7 +76,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         cells += [_f(r.get("fidelity", {}).get(g), 3) for g in grades]
         cells += [_f(r.get("group_fidelity", {}).get(g), 3) for g in groups]
         if grades:
-            cells.append(_f(r.get("referable_agreement"), 3))
+            cells += [_f(r.get("referable_agreement"), 3), _f(r.get("grade_shift"), 1)]
         li = r.get("L_info_discrete")
         cells.append("—" if li is None else f"{li:.2f} / {r['H_discrete']:.2f}")
         cells.append(_f(r.get("mig"), 3))

@@ -15,12 +15,13 @@ def _row(**extra: object) -> dict:
 
 
 def test_group_fidelity_columns_follow_the_per_grade_ones() -> None:
-    row = _row(fidelity={"0": 0.5, "3": 0.05}, group_fidelity={"0-1": 0.9, "3-4": 0.018}, referable_agreement=0.4)
+    row = _row(fidelity={"0": 0.5, "3": 0.05}, group_fidelity={"0-1": 0.9, "3-4": 0.018}, referable_agreement=0.4,
+               grade_shift=13.23)
     head, _, body = quality.table([row]).splitlines()
     cols = [c.strip() for c in head.strip("|").split("|")]
     cells = [c.strip() for c in body.strip("|").split("|")]
-    assert cols[7:12] == ["fidelity g0", "fidelity g3", "group 0-1", "group 3-4", "referable agr."]
-    assert cells[7:12] == ["0.500", "0.050", "0.900", "0.018", "0.400"]
+    assert cols[7:13] == ["fidelity g0", "fidelity g3", "group 0-1", "group 3-4", "referable agr.", "grade shift"]
+    assert cells[7:13] == ["0.500", "0.050", "0.900", "0.018", "0.400", "13.2"]
 
 
 def test_an_unconditional_model_has_no_grade_columns() -> None:

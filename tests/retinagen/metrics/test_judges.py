@@ -233,3 +233,23 @@ def test_grade_counts_split_n_by_the_probabilities() -> None:
         with pytest.raises(ValueError):
             grade_counts(probs, n)
 
+
+
+def test_grade_shift_tells_a_whole_image_mark_from_lesions_at_random_places() -> None:
+    from retinagen.metrics.quality import grade_shift
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(60, 200, size=(500, 8, 8, 3)).astype(np.uint8)
+    grades = np.repeat(np.arange(5), 100)
+    lesions = base.copy()
+    for i, g in enumerate(grades):  # g bright dots at random places: the mean images barely differ
+        for _ in range(g):
+            y, x = rng.integers(0, 8, 2)
+            lesions[i, y, x] = 255
+    marked = base.astype(np.int64)
+    marked[grades >= 3, :, :, 2] += 60  # grades 3-4 bluer everywhere
+    marked = marked.clip(0, 255).astype(np.uint8)
+    noise = grade_shift(base, grades)
+    assert grade_shift(lesions, grades) < 2 * noise + 1.5
+    assert grade_shift(marked, grades) > 2.5 * grade_shift(lesions, grades)
+    assert np.isnan(grade_shift(base, np.zeros(500, np.int64)))  # one grade: nothing to compare
