@@ -97,7 +97,7 @@ def test_the_grader_judge_reads_grades_of_real_images(shipped: jm.Judges) -> Non
 
 
 def test_a_grade_faithful_model_is_scored_on_the_references_grade_mix(
-    shipped: jm.Judges, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shipped: jm.Judges, held_out: tuple[np.ndarray, np.ndarray, Any, list[str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A model that draws exactly real images of the asked grade: fd_fundus, precision and recall compare it
     with the reference on the reference's grade mix (not an equal mix, which a faithful model cannot match
@@ -108,7 +108,7 @@ def test_a_grade_faithful_model_is_scored_on_the_references_grade_mix(
     from retinagen.metrics.quality import _generate, score_checkpoint
 
     judges = shipped
-    pool, pool_grades, _, _ = held_out_real(DEFAULT, 500, HELD_OUT_SEED + 1, tmp_path, grade_probs=[0.2] * 5)
+    pool, pool_grades, _, _ = held_out  # 731 / 70 / 151 / 28 / 20 of grades 0-4: the equal mix repeats some
     by_grade = {g: pool[pool_grades == g] for g in range(5)}
 
     def faithful(model: Any, n: int, seed: int = 0, *, grade: int | None = None, start: int = 0, **_: Any):
@@ -122,7 +122,7 @@ def test_a_grade_faithful_model_is_scored_on_the_references_grade_mix(
     row = score_checkpoint(model, judges, n=500, seed=0, quick=True)
     equal, asked = _generate(model, 500, 0)
     old = judges.score(equal, asked)  # the equal mix against the reference
-    # Measured: 0.38 against 46.6 (the equal mix); held-out real images score ~0.4 (the floor).
+    # Measured: 0.35 against 42.1 (the equal mix); held-out real images score ~0.3 (the floor).
     assert row["fd_fundus"] < 2.0 and old["fd_fundus"] > 10 * row["fd_fundus"]
     assert row["fidelity"] == old["fidelity"] and row["group_fidelity"] == old["group_fidelity"]
     assert np.bincount(asked, minlength=5).tolist() == [100] * 5
