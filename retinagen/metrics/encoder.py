@@ -188,7 +188,11 @@ def _unit_range(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 [B, 3, H, W] (any H, W) -> float [B, 3, size, size] in [-1, 1]."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be uint8 [B, 3, H, W], got {images.dtype} {tuple(images.shape)}")
-    x = images.float() / 127.5 - 1.0
+    return _resized(images.float() / 127.5 - 1.0, size)
+
+
+def _resized(x: torch.Tensor, size: int) -> torch.Tensor:
+    """float [B, 3, H, W] -> [B, 3, size, size]."""
     if x.shape[-2:] != (size, size):
         # Antialiased bilinear: downscaling averages (no aliasing of vessel detail), upscaling interpolates.
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
@@ -240,6 +244,11 @@ class FundusEncoderNet(nn.Module):
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, H, W] (any H, W) -> float [B, 3, S, S], standardised per channel."""
         return (_unit_range(images, self.cfg.input_size) - self.in_mean) / self.in_std
+
+    def preprocess_float(self, x: torch.Tensor) -> torch.Tensor:
+        """Images float [B, 3, H, W] in [-1, 1] (a generator's output; differentiable) -> what `preprocess` gives
+        for the same images as uint8."""
+        return (_resized(x.float(), self.cfg.input_size) - self.in_mean) / self.in_std
 
     def features_from_float(self, x: torch.Tensor) -> torch.Tensor:
         """Preprocessed images float [B, 3, S, S] -> features [B, feature_dim]."""

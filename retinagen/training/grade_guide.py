@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from retinagen.errors import CheckpointError, RetinagenError
 from retinagen.run_dir import GRADE_GUIDE_STEM
@@ -43,7 +42,6 @@ class GradeGuide(nn.Module):
         super().__init__()
         self.net = net.eval().requires_grad_(False)
         self.sha256 = sha256
-        self.size = int(net.cfg.input_size)
 
     def train(self, mode: bool = True) -> GradeGuide:  # always in eval mode: it is never trained here
         return super().train(False)
@@ -53,10 +51,7 @@ class GradeGuide(nn.Module):
         # pixel values that vanish on export. A pixel out of range gets no gradient from the guide (a
         # straight-through clamp let the guide push such pixels further out, where it never saw them move:
         # measured, D then won within 2 kimg at 8 px).
-        x = images.float().clamp(-1.0, 1.0)
-        if x.shape[-2:] != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
-        x = (x - self.net.in_mean) / self.net.in_std
+        x = self.net.preprocess_float(images.float().clamp(-1.0, 1.0))
         return self.net.grade_head(self.net.features_from_float(x))
 
 
@@ -64,9 +59,7 @@ def load_grade_guide(path: str | Path, num_classes: int, device: torch.device | 
     """Load a fundus encoder file as a guide; refuses one without a grade head of ``num_classes`` grades."""
     from retinagen.metrics.encoder import load_fundus_encoder
 
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise CheckpointError(f"{p}: loss.grade_guide file not found (a fundus encoder .safetensors)")
+    p = _existing_file(path)
     ext = load_fundus_encoder(p)
     head = ext.net.grade_head
     if head is None:
@@ -84,8 +77,15 @@ def check_grade_guide(guide: str | None, conditional: bool) -> None:
         return
     if not conditional:
         raise RetinagenError("loss.grade_guide needs a grade-conditional model (model.conditional: true)")
-    if guide != AUTO and not Path(guide).expanduser().is_file():
-        raise CheckpointError(f"{Path(guide).expanduser()}: loss.grade_guide file not found (a fundus encoder .safetensors)")
+    if guide != AUTO:
+        _existing_file(guide)
+
+
+def _existing_file(path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CheckpointError(f"{p}: loss.grade_guide file not found (a fundus encoder .safetensors)")
+    return p
 
 
 def ensure_auto_guide(path: Path, zip_path: Path, fingerprint: str, resolution: int, seed: int,
