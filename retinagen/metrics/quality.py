@@ -70,14 +70,24 @@ def _generate(model: Any, n: int, seed: int, counts: list[int] | None = None) ->
     if model.num_classes == 0:
         imgs, _ = generate_images(model, n, seed)
         return imgs, None
-    per = counts if counts is not None else grade_counts(np.ones(model.num_classes), n)
-    parts, grades = [], []
-    for g, k in enumerate(per):
+    return _generate_sets(model, n, seed, [counts if counts is not None else grade_counts(np.ones(model.num_classes), n)])[0]
+
+
+def _generate_sets(model: Any, n: int, seed: int, sets: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Several sets of a conditional model's images, set s with ``sets[s][g]`` of grade g: each grade's images
+    are generated once (as many as the largest set asks) and each set takes its first ones."""
+    from retinagen.generation import generate_images
+
+    made = {}
+    for g in range(model.num_classes):
+        k = max(counts[g] for counts in sets)
         if k:
-            imgs, _ = generate_images(model, k, seed, grade=g, start=g * n)
-            parts.append(imgs)
-            grades.append(np.full(k, g, np.int64))
-    return np.concatenate(parts), np.concatenate(grades)
+            made[g] = generate_images(model, k, seed, grade=g, start=g * n)[0]
+    out = []
+    for counts in sets:
+        parts = [(made[g][:k], np.full(k, g, np.int64)) for g, k in enumerate(counts) if k]
+        out.append((np.concatenate([p for p, _ in parts]), np.concatenate([q for _, q in parts])))
+    return out
 
 
 @torch.no_grad()
@@ -169,10 +179,11 @@ def score_checkpoint(
         mix = judges.reference_grade_probs(model.num_classes)
         if mix is None:
             mix = model.meta.get("grade_probs") or np.ones(model.num_classes)
-        mixed, _ = _generate(model, n, seed, counts=grade_counts(mix, n))
-        row.update(judges.score(mixed))
+        sets = [grade_counts(mix, n)] + ([grade_counts(np.ones(model.num_classes), n)] if fidelity else [])
+        made = _generate_sets(model, n, seed, sets)
+        row.update(judges.score(made[0][0]))
         if fidelity:
-            imgs, grades = _generate(model, n, seed)
+            imgs, grades = made[1]
             row.update(judges.fidelity(imgs, grades))
             row["grade_shift"] = grade_shift(imgs, grades)
     row.update(info_at_checkpoint(model, min(n, 512), seed, batch_size))
