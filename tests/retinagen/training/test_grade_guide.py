@@ -129,16 +129,22 @@ def test_resume_with_another_guide_file_is_refused(guide_path: Path, synth_zip_1
         train(cfg, run, resume=True, progress=False)
 
 
-def test_auto_trains_the_guide_on_the_training_data_once(
-    synth_zip_16: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from retinagen.fileio import sha256_file
-    from retinagen.run_dir import RunDir
+@pytest.fixture
+def short_auto_guide(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The auto guide trained for one epoch (its recipe's length is not what these tests check)."""
     from retinagen.training import grade_guide
-    from retinagen.training.checkpoint import latest_valid_checkpoint, load_checkpoint
 
     monkeypatch.setattr(grade_guide, "AUTO_EPOCHS", 1)
     monkeypatch.setattr(grade_guide, "AUTO_MIN_STEPS", 0)
+
+
+def test_auto_trains_the_guide_on_the_training_data_once(
+    synth_zip_16: Path, tmp_path: Path, short_auto_guide: None
+) -> None:
+    from retinagen.fileio import sha256_file
+    from retinagen.run_dir import RunDir
+    from retinagen.training.checkpoint import latest_valid_checkpoint, load_checkpoint
+
     run = tmp_path / "run"
     cfg = _cfg(synth_zip_16, "loss.grade_guide=auto")
     train(cfg, run, progress=False, max_steps=2)
@@ -176,13 +182,10 @@ def test_a_pickle_under_the_guides_name_is_refused_and_never_runs(guide_path: Pa
 
 
 def test_an_auto_guide_of_other_data_in_the_run_folder_is_refused(
-    synth_zip_16: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    synth_zip_16: Path, tmp_path: Path, short_auto_guide: None
 ) -> None:
     from retinagen.run_dir import RunDir
-    from retinagen.training import grade_guide
 
-    monkeypatch.setattr(grade_guide, "AUTO_EPOCHS", 1)
-    monkeypatch.setattr(grade_guide, "AUTO_MIN_STEPS", 0)
     run = tmp_path / "run"
     guide = RunDir(run).grade_guide
     guide.parent.mkdir(parents=True)
